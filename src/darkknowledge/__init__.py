@@ -1,0 +1,23 @@
+"""darkknowledge: knowledge distillation for PyTorch, with the math done right.
+
+    L_total = (1 - alpha) · L_hard + alpha · T^2 · L_soft        (Hinton et al., 2015)
+
+>>> import torch, darkknowledge as dk
+>>> loss = dk.kd_loss(torch.randn(8, 10), torch.randn(8, 10), torch.randint(10, (8,)), temperature=4.0, alpha=0.9)
+>>> loss.total.dim()
+0
+"""
+
+from .losses import DistillationLoss, KDLoss, count_valid, divergence, kd_loss, reduce_positions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillationLoss",
+    "KDLoss",
+    "__version__",
+    "count_valid",
+    "divergence",
+    "kd_loss",
+    "reduce_positions",
+]

@@ -1,0 +1,67 @@
+"""The ``dk`` command.
+
+Each subcommand lives in the module that owns its work; this file only maps names to modules.
+A module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
+when their command runs, so ``dk --help`` stays fast (transformers is slow to import).
+
+Bad input (``ValueError``, ``TypeError``, a missing file) prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). A plain dict: explicit, no import-time registration.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "signal-gap": ("darkknowledge.analysis.signal_gap", "soft-loss gradient norm vs temperature, with and without T^2"),
+}
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(ValueError):
+    """Bad input that the CLI reports in one line with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation for PyTorch.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        # Arguments are added lazily in main(), once we know which command runs.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.version:
+        from darkknowledge import __version__
+
+        print(__version__)
+        return EXIT_OK
+    if known.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    module = importlib.import_module(known._module)
+    sub = argparse.ArgumentParser(prog=f"dk {known.command}", description=COMMANDS[known.command][1])
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
+    try:
+        return int(module.run(args) or EXIT_OK)
+    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"dk {known.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"dk {known.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Loss functions: pure functions of tensors, no state."""
+
+from .divergences import per_position_divergence
+from .kd import DistillationLoss, KDLoss, divergence, kd_loss
+from .reduction import count_valid, reduce_positions, valid_positions
+
+__all__ = [
+    "DistillationLoss",
+    "KDLoss",
+    "count_valid",
+    "divergence",
+    "kd_loss",
+    "per_position_divergence",
+    "reduce_positions",
+    "valid_positions",
+]

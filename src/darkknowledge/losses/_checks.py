@@ -1,0 +1,102 @@
+"""Validation of user input for the loss functions.
+
+Every check raises ``ValueError`` or ``TypeError`` naming the argument, the value received and
+what is allowed, so that bad input never surfaces as a shape error deep inside PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_temperature(temperature: float | torch.Tensor, name: str = "temperature") -> None:
+    """A temperature is a finite number > 0, or a tensor of them (checked for dtype only,
+    because inspecting a GPU tensor's values would synchronise every step)."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got a tensor of dtype {temperature.dtype}")
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, Real):
+        raise TypeError(f"{name} must be a float > 0 or a tensor, got {type(temperature).__name__} {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {name}={temperature!r}")
+
+
+def check_unit_interval(value: float, name: str, *, closed_right: bool = True) -> None:
+    """``value`` is a real number in [0, 1] (or [0, 1) when ``closed_right`` is False)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(value).__name__} {value!r}")
+    upper_ok = value <= 1 if closed_right else value < 1
+    if not (math.isfinite(value) and value >= 0 and upper_ok):
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {name}={value!r}")
+
+
+def check_divergence_name(kind: str, name: str = "divergence") -> None:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown {name} {kind!r}; valid names are: {', '.join(DIVERGENCES)}")
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+
+
+def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    """Student and teacher logits are floating tensors of the same shape ``(..., C)``."""
+    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() < 1:
+            raise ValueError(f"{name} must have shape (..., C) with at least one dimension, got a scalar")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same class dimension (last), got "
+            f"{student_logits.shape[-1]} and {teacher_logits.shape[-1]}; if one vocabulary only adds "
+            f"padding rows, slice both to the shared size first"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+
+
+def check_labels(labels: torch.Tensor, leading_shape: torch.Size, num_classes: int, ignore_index: int) -> None:
+    """Integer labels of shape ``leading_shape`` with values in [0, C) or ``ignore_index``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    if labels.shape != leading_shape:
+        raise ValueError(
+            f"labels must have the logits' shape without the class dimension, {tuple(leading_shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(out_of_range.any()):
+        bad = labels[out_of_range][0].item()
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or ignore_index={ignore_index}, got a label {bad}"
+        )
+
+
+def check_mask(mask: torch.Tensor, leading_shape: torch.Size) -> None:
+    """A boolean mask (True = keep) of shape ``leading_shape``."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a boolean tensor (True = keep), got dtype {mask.dtype}")
+    if mask.shape != leading_shape:
+        raise ValueError(
+            f"mask must have the logits' shape without the class dimension, {tuple(leading_shape)}, "
+            f"got {tuple(mask.shape)}"
+        )

@@ -1,0 +1,247 @@
+"""The distillation objective of Hinton et al. (2015):
+
+    L_total = (1 - alpha) · L_hard + alpha · scale · L_soft,    scale = T^2 by default
+
+``L_soft = D(p, q)`` with ``p = softmax(z_t / T)``, ``q = softmax(z_s / T)``; ``L_hard`` is the
+cross-entropy of the *unscaled* student logits against the labels. Both are summed over the
+class dimension and averaged over valid positions, never over classes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from .divergences import per_position_divergence
+from .reduction import Normalizer, reduce_positions, valid_positions
+from .transforms import decoupled_kd, soften
+
+SoftScale = str | float
+
+
+class KDLoss(NamedTuple):
+    """The named parts of the objective.
+
+    ``total`` is what you backpropagate. ``soft`` is the reduced divergence D(p, q) *before*
+    the ``soft_scale`` factor; ``hard`` the reduced cross-entropy (0 when no labels are given).
+    With a scalar temperature, ``total = (1 - alpha)·hard + alpha·scale·soft`` exactly.
+    """
+
+    total: torch.Tensor
+    soft: torch.Tensor
+    hard: torch.Tensor
+
+
+def resolve_soft_scale(soft_scale: SoftScale, temperature: float | torch.Tensor) -> float | torch.Tensor:
+    """The factor on the soft term: ``"T2"`` gives T^2, ``"none"`` gives 1, a float itself."""
+    if isinstance(soft_scale, str):
+        if soft_scale == "T2":
+            return temperature * temperature
+        if soft_scale == "none":
+            return 1.0
+        raise ValueError(f'soft_scale must be "T2", "none" or a float, got {soft_scale!r}')
+    if isinstance(soft_scale, bool) or not isinstance(soft_scale, int | float):
+        raise TypeError(f'soft_scale must be "T2", "none" or a float, got {type(soft_scale).__name__}')
+    return float(soft_scale)
+
+
+def divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "forward_kl",
+    temperature: float | torch.Tensor = 1.0,
+    beta: float = 0.5,
+    lam: float = 0.1,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalizer: Normalizer = None,
+    standardize: bool = False,
+) -> torch.Tensor:
+    """D(p, q) between softened teacher and student distributions, without any T^2 factor.
+
+    Args:
+        student_logits, teacher_logits: ``(..., C)``, any float dtype; math in float32.
+        kind: one of ``forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd``.
+        temperature: T > 0, a float or a tensor broadcastable to ``(...)``.
+        beta: the JSD mixture weight (0 = forward KL, 1 = reverse KL).
+        lam: the skew of ``skew_kl`` / ``skew_reverse_kl``, in [0, 1).
+        mask: ``(...)`` bool, True = keep.
+        reduction, normalizer: see :func:`darkknowledge.losses.reduction.reduce_positions`.
+        standardize: z-score both logit vectors before the temperature.
+
+    Returns ``()`` or, with ``reduction="none"``, ``(...)``.
+
+    >>> z = torch.tensor([[2.0, 0.0, -1.0]])
+    >>> float(divergence(z, z, kind="jsd"))
+    0.0
+    """
+    _checks.check_logits_pair(student_logits, teacher_logits)
+    _checks.check_divergence_name(kind, "kind")
+    _checks.check_temperature(temperature)
+    _checks.check_unit_interval(beta, "beta")
+    _checks.check_unit_interval(lam, "lam", closed_right=False)
+    _checks.check_reduction(reduction)
+    if mask is not None:
+        _checks.check_mask(mask, student_logits.shape[:-1])
+    log_q = soften(student_logits, temperature, standardize=standardize)
+    log_p = soften(teacher_logits.detach(), temperature, standardize=standardize)
+    per_position = per_position_divergence(log_q, log_p, kind, beta=beta, lam=lam)
+    return reduce_positions(per_position, mask, reduction, normalizer)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float | torch.Tensor,
+    alpha: float,
+    divergence: str = "forward_kl",
+    soft_scale: SoftScale = "T2",
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalizer: Normalizer = None,
+    beta: float = 0.5,
+    lam: float = 0.1,
+    standardize: bool = False,
+    dkd_weights: tuple[float, float] | None = None,
+) -> KDLoss:
+    """``(1 - alpha)·CE(z_s, y) + alpha·scale·D(softmax(z_t/T), softmax(z_s/T))``.
+
+    Args:
+        student_logits: ``(..., C)`` student logits, any float dtype (math in float32).
+        teacher_logits: ``(..., C)`` teacher logits; no gradient flows into them.
+        labels: ``(...)`` integer targets, or None for pure distillation (then alpha must be 1).
+        temperature: T > 0; a float, or a tensor broadcastable to ``(...)`` (per-sample T,
+            from :class:`darkknowledge.LearnableTemperature`).
+        alpha: weight of the soft term in [0, 1]. Note: torchdistill uses the opposite meaning.
+        divergence: ``forward_kl`` (Hinton KD), ``reverse_kl``, ``jsd``, ``skew_kl``,
+            ``skew_reverse_kl``, ``tvd``.
+        soft_scale: ``"T2"`` (default; keeps the soft gradient's size independent of T),
+            ``"none"``, or a float. Applied per position, so a per-sample T scales its own row.
+        ignore_index: label value of positions that do not count (for both terms).
+        mask: ``(...)`` bool, True = keep; combined with ``labels != ignore_index``.
+        reduction: ``"mean"`` over valid positions, ``"sum"``, or ``"none"`` (per position).
+        normalizer: with ``"mean"``, the global count of valid positions to divide by (see
+            :func:`darkknowledge.count_valid`), for gradient accumulation and several processes.
+        beta, lam: parameters of ``jsd`` and the skew divergences.
+        standardize: logit standardisation (Sun et al., CVPR 2024) before the temperature.
+        dkd_weights: ``(tckd_weight, nckd_weight)`` to replace the soft term by decoupled KD
+            (Zhao et al., CVPR 2022); needs labels and ``divergence="forward_kl"``.
+
+    Returns:
+        ``KDLoss(total, soft, hard)``, each ``()`` (or ``(...)`` with ``reduction="none"``).
+
+    >>> import torch, darkknowledge as dk
+    >>> student, teacher = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+    >>> labels = torch.tensor([1, 2, 3, 4])
+    >>> loss = dk.kd_loss(student, teacher, labels, temperature=4.0, alpha=0.9)
+    >>> loss.total.backward()
+    >>> bool(torch.isclose(loss.total, 0.1 * loss.hard + 0.9 * 16 * loss.soft))
+    True
+    """
+    _checks.check_logits_pair(student_logits, teacher_logits)
+    _checks.check_divergence_name(divergence)
+    _checks.check_temperature(temperature)
+    _checks.check_unit_interval(alpha, "alpha")
+    _checks.check_unit_interval(beta, "beta")
+    _checks.check_unit_interval(lam, "lam", closed_right=False)
+    _checks.check_reduction(reduction)
+    leading_shape, num_classes = student_logits.shape[:-1], student_logits.shape[-1]
+    if mask is not None:
+        _checks.check_mask(mask, leading_shape)
+    if labels is not None:
+        _checks.check_labels(labels, leading_shape, num_classes, ignore_index)
+    elif alpha != 1.0 or dkd_weights is not None:
+        raise ValueError(
+            f"alpha={alpha!r} < 1 weights a hard cross-entropy term, which needs labels; "
+            "pass labels, or alpha=1.0 for pure distillation"
+        )
+    if dkd_weights is not None and divergence != "forward_kl":
+        raise ValueError(f'dkd_weights decouples the forward KL; got divergence={divergence!r}, use "forward_kl"')
+    scale = resolve_soft_scale(soft_scale, temperature)
+    valid = valid_positions(labels, mask, ignore_index)
+
+    log_q = soften(student_logits, temperature, standardize=standardize)
+    log_p = soften(teacher_logits.detach(), temperature, standardize=standardize)
+    if dkd_weights is not None:
+        safe_labels = labels.clamp_min(0)  # ignored positions get class 0 and are masked below
+        soft_pos = decoupled_kd(log_q, log_p, safe_labels, *dkd_weights)
+    else:
+        soft_pos = per_position_divergence(log_q, log_p, divergence, beta=beta, lam=lam)
+
+    if labels is None:
+        hard_pos = torch.zeros_like(soft_pos)
+    else:
+        # The hard term always sees the unscaled logits (T = 1, no standardisation).
+        log_probs = log_q if _is_plain_unit_temperature(temperature, standardize) else torch.log_softmax(
+            student_logits.float(), dim=-1
+        )
+        hard_pos = -log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+
+    if isinstance(scale, torch.Tensor):
+        scale = scale.expand_as(soft_pos) if scale.dim() else scale
+    soft = reduce_positions(soft_pos, valid, reduction, normalizer)
+    hard = reduce_positions(hard_pos, valid, reduction, normalizer)
+    if isinstance(scale, torch.Tensor) and scale.dim():
+        scaled_soft = reduce_positions(soft_pos * scale, valid, reduction, normalizer)
+    else:
+        scaled_soft = scale * soft
+    total = (1.0 - alpha) * hard + alpha * scaled_soft
+    return KDLoss(total, soft, hard)
+
+
+def _is_plain_unit_temperature(temperature: float | torch.Tensor, standardize: bool) -> bool:
+    return not standardize and not isinstance(temperature, torch.Tensor) and temperature == 1.0
+
+
+class DistillationLoss(torch.nn.Module):
+    """``nn.Module`` over :func:`kd_loss`. Temperature and alpha may be schedules.
+
+    ``temperature`` is a float, a schedule ``step -> float``, or a module returning a tensor
+    temperature (``LearnableTemperature``); ``alpha`` a float or a schedule. Call with
+    ``step=`` to evaluate schedules; other keyword arguments go to :func:`kd_loss`.
+
+    >>> import torch, darkknowledge as dk
+    >>> loss_fn = dk.DistillationLoss(temperature=dk.schedules.linear(8.0, 2.0, 100), alpha=0.9)
+    >>> out = loss_fn(torch.randn(2, 5), torch.randn(2, 5), torch.tensor([0, 1]), step=50)
+    >>> out.total.shape
+    torch.Size([])
+    """
+
+    def __init__(self, *, temperature, alpha, **kd_options) -> None:
+        super().__init__()
+        if isinstance(temperature, torch.nn.Module):
+            self.temperature_module = temperature
+            self._temperature = None
+        else:
+            self.temperature_module = None
+            self._temperature = temperature
+        self.alpha = alpha
+        self.kd_options = kd_options
+
+    def current_temperature(self, step: int = 0, student_logits=None, teacher_logits=None):
+        """The temperature in force at ``step``: a float, or a tensor for a learned one."""
+        if self.temperature_module is not None:
+            return self.temperature_module(student_logits=student_logits, teacher_logits=teacher_logits, step=step)
+        return _value_at(self._temperature, step)
+
+    def current_alpha(self, step: int = 0) -> float:
+        return _value_at(self.alpha, step)
+
+    def forward(self, student_logits, teacher_logits, labels=None, *, step: int = 0, **overrides) -> KDLoss:
+        temperature = self.current_temperature(step, student_logits, teacher_logits)
+        options = {**self.kd_options, **overrides}
+        return kd_loss(
+            student_logits, teacher_logits, labels, temperature=temperature, alpha=self.current_alpha(step), **options
+        )
+
+
+def _value_at(value, step: int):
+    """A float stays a float; a schedule (any callable) is evaluated at ``step``."""
+    return value(step) if callable(value) else value
