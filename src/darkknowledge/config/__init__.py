@@ -1,0 +1,165 @@
+"""Validated configs: YAML (``yaml.safe_load`` only) -> frozen dataclasses.
+
+>>> from darkknowledge.config import config_from_dict
+>>> config = config_from_dict({"student": {"hidden": [16]}, "distill": {"alpha": 0.5}})
+>>> config.distill.alpha, config.student.hidden
+(0.5, (16,))
+>>> config_from_dict({"distill": {"temprature": 2.0}})
+Traceback (most recent call last):
+...
+darkknowledge.config.ConfigError: distill.temprature: unknown key; did you mean 'temperature'? ...
+
+Command-line overrides ``key=value`` are applied to a copy of the YAML mapping before
+validation, the value read as a YAML scalar, so they are checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from .fields import build_section, docs, thaw
+from .schema import (
+    Config,
+    DataConfig,
+    DistillConfig,
+    LearnableTemperatureConfig,
+    ModelConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "LearnableTemperatureConfig",
+    "ModelConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "check_config",
+    "config_from_dict",
+    "load_config",
+    "read_yaml",
+    "reference",
+    "thaw",
+]
+
+
+class ConfigError(ValueError):
+    """One or more problems in a config; ``errors`` lists them, each naming its field path."""
+
+    def __init__(self, errors: Sequence[str], source: str | None = None) -> None:
+        self.errors = list(errors)
+        self.source = source
+        where = f"{source}: " if source else ""
+        more = (
+            f" (and {len(self.errors) - 1} more problem(s); run `dk validate` to list them)"
+            if len(self.errors) > 1
+            else ""
+        )
+        super().__init__(f"{where}{self.errors[0]}{more}")
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The YAML document at ``path`` (safe_load: plain data only, no tags that run code)."""
+    with open(path, encoding="utf-8") as handle:
+        try:
+            return yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise ConfigError([f"not valid YAML{where}: {problem}"], str(path)) from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A deep copy of ``raw`` with each ``dotted.key=value`` set (value parsed as YAML).
+
+    >>> apply_overrides({"train": {"max_steps": 5}}, ["train.max_steps=100", "distill.alpha=0.5"])
+    {'train': {'max_steps': 100}, 'distill': {'alpha': 0.5}}
+    """
+    result = copy.deepcopy(dict(raw))
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            errors.append(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            value = text  # not a YAML scalar: keep the text, the field's check judges it
+        node: Any = result
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(
+                        f"override {item!r}: {here}: no list item {part!r} (the list has {len(node)})"
+                    )
+                    break
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+            else:
+                errors.append(f"override {item!r}: {'.'.join(parts[:depth])} is not a mapping")
+                break
+            if last:
+                node[index] = value
+            else:
+                if isinstance(node, dict) and node.get(index) is None:
+                    node[index] = {}
+                node = node[index]
+    if errors:
+        raise ConfigError(errors)
+    return result
+
+
+def check_config(raw: Any) -> tuple[Config | None, list[str]]:
+    """``(config, [])``, or ``(None, problems)`` listing every problem found."""
+    errors: list[str] = []
+    config = build_section(Config, raw, "", errors)
+    if isinstance(raw, Mapping):
+        if raw.get("stages") and raw.get("student") is not None:
+            errors.append(
+                "student: give either `student` or `stages` (whose last entry is the student), not both"
+            )
+        distill = raw.get("distill")
+        if (
+            isinstance(distill, Mapping)
+            and distill.get("learnable_temperature") is not None
+            and "temperature" in distill
+        ):
+            errors.append(
+                "distill.temperature: a learnable temperature is set (distill.learnable_temperature); "
+                "remove distill.temperature, which it would replace"
+            )
+    return (None, errors) if errors else (config, [])
+
+
+def config_from_dict(raw: Any, source: str | None = None) -> Config:
+    """A validated :class:`Config` from a plain mapping; raises :class:`ConfigError`."""
+    config, errors = check_config(raw)
+    if errors:
+        raise ConfigError(errors, source)
+    return config
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Config:
+    """Read ``path``, apply ``key=value`` overrides to a copy, validate."""
+    raw = read_yaml(path)
+    return config_from_dict(apply_overrides(raw, overrides) if overrides else raw, str(path))
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """``(field path, default, doc)`` for every config field, for the documentation."""
+    return docs(Config)

@@ -1,0 +1,222 @@
+"""The config sections: every field declared once, with its default, its check and its doc.
+
+``docs/cli.md`` is generated from these declarations (:func:`darkknowledge.config.reference`),
+so the reference and the code cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from ..losses._checks import DIVERGENCES
+from .fields import (
+    INVALID,
+    boolean,
+    choice,
+    either,
+    field_,
+    freeze,
+    integer,
+    mapping,
+    number,
+    optional,
+    section,
+    sections,
+    text,
+    tuple_of,
+)
+
+EMPTY: Mapping[str, Any] = MappingProxyType({})
+OPTIMIZERS = ("adamw", "adam", "sgd")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def schedule_or_number(
+    *, above: float | None = None, at_least: float | None = None, at_most: float | None = None
+):
+    """A float, or a schedule mapping such as ``{kind: cosine, start: 8, end: 2, steps: 1000}``.
+
+    The mapping is built once with :func:`darkknowledge.schedules.from_config` to check it, and
+    its value at step 0 and at ``steps`` must respect the same bounds as a plain float.
+    """
+    plain = number(above=above, at_least=at_least, at_most=at_most)
+
+    def convert(value, path, errors):
+        if not isinstance(value, Mapping):
+            return plain(value, path, errors)
+        from .. import schedules
+
+        try:
+            schedule = schedules.from_config(dict(value))
+        except (ValueError, TypeError, KeyError) as error:
+            message = error.args[0] if error.args else error
+            errors.append(f"{path}: bad schedule {dict(value)!r}: {message}")
+            return INVALID
+        last = value.get("steps", 0) if isinstance(value.get("steps"), int) else 0
+        for step in sorted({0, last}):
+            if plain(schedule(step), f"{path} (at step {step})", errors) is INVALID:
+                return INVALID
+        return freeze(value)
+
+    return convert
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field_(
+        "mlp",
+        text,
+        'a built-in model ("mlp", "cnn", "linear") or "package.module:callable" returning an nn.Module',
+    )
+    hidden: tuple[int, ...] = field_(
+        (), tuple_of(integer(at_least=1)), "layer widths of an mlp, or conv channels of a cnn"
+    )
+    dropout: float = field_(
+        0.0, number(at_least=0, at_most=0.99), "dropout after each hidden layer (built-ins)"
+    )
+    args: Mapping[str, Any] = field_(
+        EMPTY, mapping, "keyword arguments for a package.module:callable model"
+    )
+    checkpoint: str | None = field_(
+        None, optional(text), "safetensors weights to load into the model"
+    )
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    train_steps: int = field_(
+        0,
+        integer(at_least=0),
+        "without a checkpoint: train the teacher from labels for this many steps first (0: use as is)",
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = field_(
+        "digits",
+        text,
+        'a built-in data set ("digits") or "package.module:callable" returning (train, eval) datasets',
+    )
+    args: Mapping[str, Any] = field_(
+        EMPTY, mapping, "keyword arguments for a package.module:callable data set"
+    )
+    batch_size: int = field_(64, integer(at_least=1), "training micro-batch size")
+    eval_batch_size: int = field_(512, integer(at_least=1), "evaluation batch size")
+    test_fraction: float = field_(
+        0.25, number(above=0, at_most=0.9), "digits: held-out share (stratified)"
+    )
+    split_seed: int = field_(
+        0, integer(at_least=0), "digits: seed of the train/test split (fixed across runs)"
+    )
+
+
+@dataclass(frozen=True)
+class LearnableTemperatureConfig:
+    initial: float = field_(
+        4.0, number(above=0), "starting temperature, inside (minimum, minimum + t_range)"
+    )
+    minimum: float = field_(1.0, number(above=0), "lowest temperature")
+    t_range: float = field_(
+        19.0, number(above=0), "width of the allowed range: T in (minimum, minimum + t_range)"
+    )
+    lambda_max: float = field_(1.0, number(at_least=0), "final gradient-reversal strength")
+    curriculum_steps: int = field_(
+        1000, integer(at_least=1), "steps over which the reversal strength ramps up"
+    )
+    per_sample: bool = field_(
+        False, boolean, "one temperature per sample (a small network) instead of one global"
+    )
+    hidden: int = field_(64, integer(at_least=1), "hidden width of the per-sample network")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: float | Mapping[str, Any] = field_(
+        4.0, schedule_or_number(above=0), "softmax temperature T > 0: a float or a schedule mapping"
+    )
+    alpha: float | Mapping[str, Any] = field_(
+        0.9,
+        schedule_or_number(at_least=0, at_most=1),
+        "weight of the soft term in [0, 1]: a float or a schedule",
+    )
+    divergence: str = field_(
+        "forward_kl", choice(*DIVERGENCES), f"D(p, q): {', '.join(DIVERGENCES)}"
+    )
+    soft_scale: str | float = field_(
+        "T2",
+        either(choice("T2", "none"), number(above=0), expected='"T2", "none" or a number > 0'),
+        'factor on the soft term: "T2" (Hinton), "none", or a number',
+    )
+    beta: float = field_(
+        0.5, number(at_least=0, at_most=1), "jsd mixture weight (0: forward KL, 1: reverse KL)"
+    )
+    lam: float = field_(
+        0.1, number(at_least=0, at_most=0.999), "skew of skew_kl / skew_reverse_kl, in [0, 1)"
+    )
+    standardize: bool = field_(
+        False, boolean, "z-score the logits before the temperature (Sun et al., 2024)"
+    )
+    dkd_weights: tuple[float, float] | None = field_(
+        None,
+        optional(tuple_of(number(at_least=0), length=2)),
+        "[tckd, nckd] weights: decoupled KD instead",
+    )
+    learnable_temperature: LearnableTemperatureConfig | None = field_(
+        None,
+        section(LearnableTemperatureConfig, optional=True),
+        "learn T adversarially (CTKD) instead of a fixed temperature; omit `temperature` then",
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = field_(1000, integer(at_least=1), "optimizer steps")
+    optimizer: str = field_("adamw", choice(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
+    learning_rate: float | Mapping[str, Any] = field_(
+        1e-3, schedule_or_number(above=0), "a float or a schedule mapping"
+    )
+    weight_decay: float = field_(0.0, number(at_least=0), "decoupled weight decay")
+    grad_accum_steps: int = field_(1, integer(at_least=1), "micro-batches per optimizer step")
+    max_grad_norm: float | None = field_(
+        None, optional(number(above=0)), "clip the gradient norm (null: no clip)"
+    )
+    mixed_precision: str = field_("no", choice(*PRECISIONS), f"one of {', '.join(PRECISIONS)}")
+    eval_every: int = field_(0, integer(at_least=0), "evaluate every N steps (0: only at the end)")
+    save_every: int = field_(
+        0, integer(at_least=0), "checkpoint every N steps (0: only at the end)"
+    )
+    log_every: int = field_(10, integer(at_least=1), "log every N steps (JSONL, TensorBoard)")
+    progress: bool = field_(True, boolean, "show a progress bar")
+    seed: int = field_(0, integer(at_least=0), "random seed")
+    output_dir: str | None = field_(
+        None, optional(text), "where logs and checkpoints go (null: none written)"
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    student: ModelConfig | None = field_(
+        None, section(ModelConfig, optional=True), "the student model (omit when `stages` is given)"
+    )
+    teacher: TeacherConfig | None = field_(
+        None, section(TeacherConfig, optional=True), "the teacher model (needed by dk distill)"
+    )
+    stages: tuple[ModelConfig, ...] = field_(
+        (),
+        sections(ModelConfig),
+        "teacher-assistant chain: models trained in turn, each the next one's teacher; the last is the student",
+    )
+    data: DataConfig = field_(DataConfig(), section(DataConfig), "the data set")
+    distill: DistillConfig = field_(
+        DistillConfig(), section(DistillConfig), "the distillation objective"
+    )
+    train: TrainConfig = field_(TrainConfig(), section(TrainConfig), "the optimisation")
+
+    @property
+    def students(self) -> tuple[ModelConfig, ...]:
+        """The models trained in turn: the stages, or the one student."""
+        return self.stages if self.stages else ((self.student,) if self.student is not None else ())
