@@ -12,6 +12,7 @@ validation goes on after an error, so that ``dk validate`` can list every proble
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
@@ -155,10 +156,8 @@ def number(
 
     def convert(value, path, errors):
         if isinstance(value, str) and not integer:
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
         if isinstance(value, bool) or not ok_type:
             errors.append(f"{path}: expected {kind}, got {_describe(value)}")

@@ -4,6 +4,9 @@
 so the reference and the code cannot drift apart.
 """
 
+# field_() wraps dataclasses.field(), which ruff does not recognise as a field specifier.
+# ruff: noqa: RUF009
+
 from __future__ import annotations
 
 from collections.abc import Mapping
