@@ -8,16 +8,23 @@
 0
 """
 
+from . import analysis, schedules
 from .losses import DistillationLoss, KDLoss, count_valid, divergence, kd_loss, reduce_positions
+from .losses.fused import fused_linear_kd_loss
+from .temperature import LearnableTemperature
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillationLoss",
     "KDLoss",
+    "LearnableTemperature",
     "__version__",
+    "analysis",
     "count_valid",
     "divergence",
+    "fused_linear_kd_loss",
     "kd_loss",
     "reduce_positions",
+    "schedules",
 ]

@@ -1,6 +1,7 @@
 """Loss functions: pure functions of tensors, no state."""
 
 from .divergences import per_position_divergence
+from .fused import fused_linear_kd_loss
 from .kd import DistillationLoss, KDLoss, divergence, kd_loss
 from .reduction import count_valid, reduce_positions, valid_positions
 
@@ -9,6 +10,7 @@ __all__ = [
     "KDLoss",
     "count_valid",
     "divergence",
+    "fused_linear_kd_loss",
     "kd_loss",
     "per_position_divergence",
     "reduce_positions",

@@ -1,0 +1,390 @@
+"""The distillation loss at vocabulary scale, without the full ``(tokens, vocab)`` logits.
+
+    logits = softcap · tanh(scale · (h Wᵀ + b) / softcap)          (softcap optional, Gemma-style)
+    L_total = (1 - alpha) · CE(z_s, y) + alpha · T^2 · D(softmax(z_t/T), softmax(z_s/T))
+
+exactly :func:`darkknowledge.kd_loss`'s objective, computed over row chunks of the hidden states:
+each chunk is projected to logits, its loss is :func:`kd_loss` itself on the chunk (so every
+divergence, the T^2 factor, the hard term and the masking are the one implementation), and its
+gradients for the student's hidden states, weight and bias are taken right away. The backward
+pass only scales the stored gradients. Memory beyond the inputs, weights and gradients is
+O(chunk_size × vocab): 2048 tokens × 128,256 × 4 bytes is 1 GB per copy of the full logits,
+and a naive loss keeps several copies for its backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+from . import _checks
+from .kd import KDLoss, SoftScale, kd_loss, resolve_soft_scale
+from .reduction import Normalizer, valid_positions
+
+# Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md):
+# a chunk this size keeps the matrix products efficient while one chunk's float32 logits
+# (256 × 128,256 × 4 bytes = 131 MB) stay a small fraction of the naive loss's memory.
+DEFAULT_CHUNK_SIZE = 256
+
+
+@dataclass(frozen=True)
+class _Head:
+    """One output layer, already cut to the shared vocabulary."""
+
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,)
+    scale: float
+    softcap: float | None
+
+    def pre_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``h Wᵀ + b`` in the input dtype: ``(n, H) -> (n, V)``."""
+        if self.bias is None:
+            return hidden @ self.weight.T
+        return torch.addmm(self.bias, hidden, self.weight.T)
+
+    def finish(self, pre_logits: torch.Tensor) -> torch.Tensor:
+        """Scale and soft-cap in float32: ``(n, V) -> (n, V)``."""
+        logits = pre_logits.float()
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+
+@dataclass(frozen=True)
+class _ChunkedKD:
+    """Everything about one call except the tensors that receive gradients."""
+
+    student: _Head
+    teacher: _Head
+    teacher_hidden: torch.Tensor  # (N, H_t)
+    labels: torch.Tensor | None  # (N,)
+    kd_options: dict
+    chunk_size: int
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        temperature: float | torch.Tensor,
+        needs: tuple[bool, bool, bool, bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """Loss parts and the gradients of ``total`` for (hidden, weight, bias, temperature).
+
+        ``needs`` says which gradients to compute; the others come back as None.
+        """
+        weight = self.student.weight
+        need_hidden, need_weight, need_bias, need_temperature = needs
+        need_logits = need_hidden or need_weight or need_bias
+        parts = torch.zeros(3, device=hidden.device)  # total, soft, hard, summed over chunks
+        # The weight gradient is the sum of one product per chunk: accumulate it in float32.
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], device=weight.device) if need_bias else None
+        per_position_t = isinstance(temperature, torch.Tensor) and temperature.dim() > 0
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.detach().requires_grad_(need_temperature)
+        grad_temperature = torch.zeros_like(temperature) if need_temperature else None
+
+        for start in range(0, hidden.shape[0], self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            chunk = hidden[rows]  # (c, H_s)
+            with torch.no_grad():
+                teacher_logits = self.teacher.finish(
+                    self.teacher.pre_logits(self.teacher_hidden[rows])
+                )
+                pre = self.student.pre_logits(chunk)  # (c, V) in the input dtype
+            with torch.enable_grad():
+                # The gradient is taken with respect to the pre-activation logits in float32:
+                # the matrix products below then give the hidden, weight and bias gradients.
+                pre = pre.float().requires_grad_(need_logits)
+                part = kd_loss(
+                    self.student.finish(pre),
+                    teacher_logits,
+                    None if self.labels is None else self.labels[rows],
+                    temperature=temperature[rows] if per_position_t else temperature,
+                    **self.kd_options,
+                )
+                inputs = [
+                    t for t, need in ((pre, need_logits), (temperature, need_temperature)) if need
+                ]
+                grads = torch.autograd.grad(part.total, inputs) if inputs else ()
+            parts += torch.stack([p.detach() for p in part])
+            del teacher_logits, part
+            if need_temperature:
+                grad_temperature += grads[-1]
+            if not need_logits:
+                continue
+            grad_logits = grads[0]  # (c, V) float32
+            del pre, grads
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])  # (c, V) @ (V, H_s)
+            if need_weight:
+                if hidden.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.T, chunk)  # (V, c) @ (c, H_s)
+                else:
+                    grad_weight += grad_logits.T @ chunk
+            del grad_logits
+
+        total, soft, hard = parts.unbind()
+        return total, soft, hard, [grad_hidden, grad_weight, grad_bias, grad_temperature]
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Forward computes the loss and its gradients chunk by chunk; backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, temperature, spec: _ChunkedKD, full_vocab: int):
+        needs = tuple(ctx.needs_input_grad[:4])
+        total, soft, hard, grads = spec.run(hidden, temperature, needs)
+        grad_hidden, grad_weight, grad_bias, grad_temperature = grads
+        if grad_weight is not None:
+            grad_weight = _pad_rows(grad_weight, full_vocab).to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = _pad_rows(grad_bias, full_vocab).to(bias.dtype)
+        ctx.mark_non_differentiable(soft, hard)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_temperature)
+        return total, soft, hard
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_soft, _grad_hard):
+        grads = ctx.saved_tensors
+        # The usual caller backpropagates the loss itself (grad_total = 1): hand the stored
+        # gradients over as they are instead of allocating a scaled copy of the weight gradient.
+        if not bool(grad_total == 1):
+            grads = tuple(None if g is None else g * grad_total.to(g.dtype) for g in grads)
+        return (*grads, None, None)
+
+
+def _pad_rows(grad: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero gradient for the padding rows cut off by ``vocab_size``."""
+    if grad.shape[0] == rows:
+        return grad
+    full = grad.new_zeros((rows, *grad.shape[1:]))
+    full[: grad.shape[0]] = grad
+    return full
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    temperature: float | torch.Tensor,
+    alpha: float,
+    divergence: str = "forward_kl",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = -100,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    normalizer: Normalizer = None,
+    reduction: str = "mean",
+    beta: float = 0.5,
+    lam: float = 0.1,
+    soft_scale: SoftScale = "T2",
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    vocab_size: int | None = None,
+) -> KDLoss:
+    """:func:`darkknowledge.kd_loss` on ``h Wᵀ + b``, never holding the ``(N, V)`` logits.
+
+    ``logits = scale · (h Wᵀ + b)``, then ``softcap · tanh(logits / softcap)`` if a softcap is
+    given, for student and teacher; then exactly ``kd_loss(student_logits, teacher_logits,
+    labels, ...)`` with the same options. Gradients flow to ``student_hidden``,
+    ``student_weight``, ``student_bias`` and a tensor ``temperature``; none to the teacher.
+
+    Args:
+        student_hidden: ``(..., H_s)`` final hidden states of the student, float32 or bfloat16.
+        student_weight: ``(V_s, H_s)`` the student's output layer (``lm_head.weight``).
+        teacher_hidden: ``(..., H_t)`` with the same leading shape; H_t may differ from H_s.
+        teacher_weight: ``(V_t, H_t)``.
+        labels: ``(...)`` integer targets, ``ignore_index`` where a position does not count;
+            None for pure distillation (alpha = 1).
+        temperature, alpha, divergence, ignore_index, normalizer, beta, lam, soft_scale:
+            as in :func:`darkknowledge.kd_loss`.
+        chunk_size: rows per chunk; memory grows with ``chunk_size × V``.
+        reduction: ``"mean"`` (over valid positions, or ``/ normalizer``) or ``"sum"``.
+        student_bias, teacher_bias: ``(V_s,)``, ``(V_t,)`` or None.
+        student_logit_scale, teacher_logit_scale: multiply the logits (e.g. a tied-embedding
+            model's ``1 / sqrt(d)`` or a logit scale from the config).
+        student_softcap, teacher_softcap: Gemma's final logit soft-capping, or None.
+        vocab_size: the real vocabulary when the two output layers differ only by padding
+            rows; both weights (and biases) are cut to their first ``vocab_size`` rows. Needed
+            when ``V_s != V_t``; the padding rows of the student get a zero gradient.
+
+    Returns:
+        ``KDLoss(total, soft, hard)``, each ``()``. Only ``total`` carries a gradient.
+
+    >>> import torch, darkknowledge as dk
+    >>> h_s, w_s = torch.randn(6, 8, requires_grad=True), torch.randn(50, 8, requires_grad=True)
+    >>> h_t, w_t = torch.randn(6, 16), torch.randn(50, 16)
+    >>> labels = torch.tensor([1, 2, 3, -100, 4, 5])
+    >>> fused = dk.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels, temperature=2.0, alpha=0.9, chunk_size=4)
+    >>> full = dk.kd_loss(h_s @ w_s.T, h_t @ w_t.T, labels, temperature=2.0, alpha=0.9)
+    >>> bool(torch.allclose(fused.total, full.total))
+    True
+    >>> fused.total.backward()
+    """
+    _check_tensor(student_hidden, "student_hidden")
+    _check_tensor(teacher_hidden, "teacher_hidden")
+    _check_weight(student_weight, "student_weight", student_hidden, "student_hidden")
+    _check_weight(teacher_weight, "teacher_weight", teacher_hidden, "teacher_hidden")
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(
+            "student_hidden and teacher_hidden must have the same leading (token) shape, got "
+            f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
+        )
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got chunk_size={chunk_size!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(
+            f'reduction must be "mean" or "sum" for the fused loss, got {reduction!r}; per-position '
+            'losses ("none") would need the per-position gradients, use dk.kd_loss for those'
+        )
+    _checks.check_divergence_name(divergence)
+    _checks.check_temperature(temperature)
+    _checks.check_unit_interval(alpha, "alpha")
+    resolve_soft_scale(soft_scale, 1.0)  # validates it before any work is done
+    vocab = _shared_vocab(student_weight.shape[0], teacher_weight.shape[0], vocab_size)
+    student = _head(
+        student_weight, student_bias, "student", vocab, student_logit_scale, student_softcap
+    )
+    teacher = _head(
+        teacher_weight, teacher_bias, "teacher", vocab, teacher_logit_scale, teacher_softcap
+    )
+
+    leading_shape = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H_s)
+    num_rows = hidden.shape[0]
+    if labels is not None:
+        _checks.check_labels(labels, leading_shape, vocab, ignore_index)
+        labels = labels.reshape(num_rows)
+    elif alpha != 1.0:
+        raise ValueError(
+            f"alpha={alpha!r} < 1 weights a hard cross-entropy term, which needs labels; "
+            "pass labels, or alpha=1.0 for pure distillation"
+        )
+    if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+        if temperature.shape != leading_shape:
+            raise ValueError(
+                f"a per-position temperature must have the hidden states' leading shape "
+                f"{tuple(leading_shape)}, got {tuple(temperature.shape)}"
+            )
+        temperature = temperature.reshape(num_rows)
+
+    if reduction == "mean" and normalizer is None:
+        # Each chunk is divided by the count over *all* chunks, so the chunk sums add up to the
+        # mean; the clamp keeps an all-masked batch at 0 (as reduce_positions does).
+        valid = valid_positions(labels, None, ignore_index)
+        normalizer = max(num_rows, 1) if valid is None else valid.sum().clamp_min(1)
+    kd_options = {
+        "alpha": alpha,
+        "divergence": divergence,
+        "soft_scale": soft_scale,
+        "ignore_index": ignore_index,
+        "reduction": reduction,
+        "normalizer": normalizer if reduction == "mean" else None,
+        "beta": beta,
+        "lam": lam,
+    }
+    spec = _ChunkedKD(
+        student=student,
+        teacher=teacher,
+        teacher_hidden=teacher_hidden.detach().reshape(num_rows, teacher_hidden.shape[-1]),
+        labels=labels,
+        kd_options=kd_options,
+        chunk_size=chunk_size,
+    )
+    t_tensor = temperature if isinstance(temperature, torch.Tensor) else None
+    differentiable = [hidden, student_weight, student_bias, t_tensor]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        total, soft, hard = _FusedLinearKD.apply(
+            hidden, student_weight, student_bias, temperature, spec, student_weight.shape[0]
+        )
+    else:
+        total, soft, hard, _ = spec.run(hidden.detach(), temperature, (False,) * 4)
+    return KDLoss(total, soft, hard)
+
+
+def _check_tensor(value: object, name: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., H), got a scalar")
+
+
+def _check_weight(weight: object, name: str, hidden: torch.Tensor, hidden_name: str) -> None:
+    _check_tensor(weight, name)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{name} must have shape (V, H) with H = {hidden_name}.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name} and {hidden_name} must have the same dtype, got {weight.dtype} and {hidden.dtype}"
+        )
+
+
+def _shared_vocab(student_vocab: int, teacher_vocab: int, vocab_size: int | None) -> int:
+    """The vocabulary both sides are cut to: ``vocab_size``, which is required when they differ."""
+    if vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"student_weight has {student_vocab} rows and teacher_weight {teacher_vocab}: the "
+                "vocabularies differ. If both models share one tokenizer and the extra rows are "
+                "padding, pass vocab_size=<the tokenizer's vocabulary size> to cut both to it; "
+                "different tokenizers cannot be distilled token by token"
+            )
+        return student_vocab
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(vocab_size).__name__}")
+    if not 1 <= vocab_size <= min(student_vocab, teacher_vocab):
+        raise ValueError(
+            f"vocab_size must be in [1, {min(student_vocab, teacher_vocab)}] (the smaller of "
+            f"student_weight's {student_vocab} and teacher_weight's {teacher_vocab} rows), "
+            f"got vocab_size={vocab_size}"
+        )
+    return vocab_size
+
+
+def _head(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    side: str,
+    vocab: int,
+    scale: float,
+    softcap: float | None,
+) -> _Head:
+    if bias is not None:
+        _check_tensor(bias, f"{side}_bias")
+        if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{side}_bias must have shape ({weight.shape[0]},) and dtype {weight.dtype} like "
+                f"{side}_weight, got {tuple(bias.shape)} and {bias.dtype}"
+            )
+    for name, value in ((f"{side}_logit_scale", scale), (f"{side}_softcap", softcap)):
+        if value is None and name.endswith("softcap"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
+    return _Head(
+        weight=weight[:vocab].detach(),
+        bias=None if bias is None else bias[:vocab].detach(),
+        scale=float(scale),
+        softcap=None if softcap is None else float(softcap),
+    )
