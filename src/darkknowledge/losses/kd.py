@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import _checks
 from .divergences import per_position_divergence
 from .reduction import Normalizer, reduce_positions, valid_positions
-from .transforms import decoupled_kd, soften
+from .transforms import decoupled_kd, soften, upcast
 
 SoftScale = str | float
 
@@ -180,7 +180,7 @@ def kd_loss(
     else:
         # The hard term always sees the unscaled logits (T = 1, no standardisation).
         log_probs = log_q if _is_plain_unit_temperature(temperature, standardize) else torch.log_softmax(
-            student_logits.float(), dim=-1
+            upcast(student_logits), dim=-1
         )
         hard_pos = -log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
 

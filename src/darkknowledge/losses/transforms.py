@@ -27,16 +27,22 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return torch.where(finite, centred / (std + eps), logits)
 
 
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Float32, or float64 when the input already is (so float64 references and gradcheck
+    see float64 math)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def soften(
     logits: torch.Tensor, temperature: float | torch.Tensor, *, standardize: bool = False
 ) -> torch.Tensor:
-    """log softmax(z / T) in float32, whatever the input dtype. ``(..., C) -> (..., C)``.
+    """log softmax(z / T) in float32 (float64 stays float64). ``(..., C) -> (..., C)``.
 
     ``temperature`` is a float or a tensor broadcastable to the leading shape ``(...)``
     (a per-sample temperature). Logits below -1e20, -inf included, become exactly zero
     probability with finite log-probability, so no NaN appears downstream.
     """
-    z = logits.float()
+    z = upcast(logits)
     if standardize:
         z = standardize_logits(z)
     # clamp_min also keeps NaN as NaN: bad input stays visible instead of becoming a number.
