@@ -15,6 +15,18 @@ from .temperature import LearnableTemperature
 
 __version__ = "0.1.0"
 
+# Submodules that import transformers (slow) load on first access: ``dk.llm``, ``dk.hf``.
+_LAZY_SUBMODULES = ("hf", "llm")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DistillationLoss",
     "KDLoss",
