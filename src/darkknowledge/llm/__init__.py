@@ -1,0 +1,26 @@
+"""Causal-LM distillation for Hugging Face models: labels, output layers and the Distiller task.
+
+- :func:`shift_labels`: the one place labels are shifted (position t predicts token t+1).
+- :func:`output_layer`, :func:`last_hidden_states`: what the fused loss needs, without logits.
+- :class:`CausalLMTask`: the :class:`darkknowledge.Distiller` task, on the fused loss.
+"""
+
+from .heads import (
+    OutputLayer,
+    last_hidden_states,
+    logit_transform,
+    logits_from_hidden,
+    output_layer,
+)
+from .labels import shift_labels
+from .task import CausalLMTask
+
+__all__ = [
+    "CausalLMTask",
+    "OutputLayer",
+    "last_hidden_states",
+    "logit_transform",
+    "logits_from_hidden",
+    "output_layer",
+    "shift_labels",
+]

@@ -1,0 +1,213 @@
+"""``CausalLMTask``: the :class:`darkknowledge.Distiller` task for Hugging Face causal LMs.
+
+The loss is the fused one (:func:`darkknowledge.losses.fused.fused_linear_kd_loss`), computed
+from the last hidden states and the output layer of student and teacher, so the
+``(tokens, vocab)`` logits never exist at once. A batch is a ``dict`` with ``input_ids``
+``(B, T)`` and optionally ``attention_mask``, Hugging Face-style unshifted ``labels``
+(``ignore_index`` where nothing is predicted), ``prompt_lengths`` ``(B,)`` or
+``completion_mask`` ``(B, T)``; a bare ``input_ids`` tensor works too. Labels are shifted in
+one place, :func:`darkknowledge.llm.labels.shift_labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from ..losses import KDLoss, count_valid, kd_loss
+from ..losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_kd_loss
+from ..train.task import TaskOutput
+from .heads import OutputLayer, last_hidden_states, logits_from_hidden, output_layer
+from .labels import shift_labels
+
+# Options of DistillationLoss that the fused loss understands; anything else is refused.
+_FUSED_OPTIONS = ("divergence", "beta", "lam", "soft_scale", "ignore_index")
+
+
+class TeacherOutputs(NamedTuple):
+    hidden: torch.Tensor  # (B, T, H_teacher)
+    layer: OutputLayer
+
+
+class CausalLMTask:
+    """Distil a causal LM into another one token by token, with the fused chunked loss.
+
+    Args:
+        chunk_size: positions per chunk of the fused loss (memory ~ chunk_size × vocab).
+        ignore_index: label value of positions that do not count.
+        vocab_size: the shared vocabulary when the two output layers differ only by padding
+            rows (both are cut to it); None when they have the same size.
+    """
+
+    def __init__(
+        self,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        ignore_index: int = -100,
+        vocab_size: int | None = None,
+    ) -> None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.ignore_index = ignore_index
+        self.vocab_size = vocab_size
+
+    # -- batches ---------------------------------------------------------------------------
+    def inputs(self, batch: Any) -> dict[str, torch.Tensor | None]:
+        """``input_ids``, ``attention_mask`` and the shifted ``labels`` ``(B, T)`` of a batch."""
+        if isinstance(batch, torch.Tensor):
+            batch = {"input_ids": batch}
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(
+                f"a causal-LM batch must be a dict with 'input_ids' (or a tensor of them), got {type(batch).__name__}"
+                + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+            )
+        input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
+        labels = shift_labels(
+            batch.get("labels", input_ids),
+            attention_mask,
+            prompt_lengths=batch.get("prompt_lengths"),
+            completion_mask=batch.get("completion_mask"),
+            ignore_index=self.ignore_index,
+        )
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def count_valid(self, batch: Any) -> torch.Tensor:
+        """Number of predicted tokens in the micro-batch (the Distiller sums these)."""
+        return count_valid(self.inputs(batch)["labels"], ignore_index=self.ignore_index)
+
+    # -- training --------------------------------------------------------------------------
+    def teacher_outputs(self, teacher: nn.Module, batch: Any) -> TeacherOutputs:
+        """Teacher hidden states and output layer (the Distiller runs this without gradients)."""
+        inputs = self.inputs(batch)
+        hidden = last_hidden_states(teacher, *_on_device(teacher, inputs))
+        return TeacherOutputs(hidden, output_layer(teacher))
+
+    def compute_loss(
+        self,
+        student: nn.Module,
+        batch: Any,
+        teacher_outputs: TeacherOutputs | None,
+        *,
+        loss_fn: Any = None,
+        step: int = 0,
+        normalizer: torch.Tensor | float | None = None,
+        signal: bool = False,
+    ) -> TaskOutput:
+        """The fused KD loss on the student's hidden states; ``loss_fn=None`` trains on labels only.
+
+        Gradient norms of the soft and hard terms are not measured (``None``): they would need
+        the logits that the fused loss exists to avoid.
+        """
+        inputs = self.inputs(batch)
+        hidden = last_hidden_states(student, *_on_device(student, inputs))
+        layer = output_layer(student)
+        labels = inputs["labels"].to(hidden.device)
+        if loss_fn is None or teacher_outputs is None:
+            return TaskOutput(self._hard_only(hidden, layer, labels, normalizer))
+        options = self._loss_options(loss_fn, step)
+        loss = fused_linear_kd_loss(
+            hidden,
+            layer.weight,
+            teacher_outputs.hidden.to(hidden.device),
+            teacher_outputs.layer.weight.to(hidden.device),
+            labels,
+            chunk_size=self.chunk_size,
+            vocab_size=self.vocab_size,
+            student_bias=layer.bias,
+            teacher_bias=_to(teacher_outputs.layer.bias, hidden.device),
+            normalizer=normalizer,
+            student_logit_scale=layer.logit_scale,
+            teacher_logit_scale=teacher_outputs.layer.logit_scale,
+            student_softcap=layer.softcap,
+            teacher_softcap=teacher_outputs.layer.softcap,
+            **options,
+        )
+        temperature = options["temperature"]
+        if isinstance(temperature, torch.Tensor):
+            temperature = float(temperature.detach())
+        return TaskOutput(loss, None, None, temperature)
+
+    def _loss_options(self, loss_fn: Any, step: int) -> dict[str, Any]:
+        unsupported = sorted(set(loss_fn.kd_options) - set(_FUSED_OPTIONS))
+        if unsupported:
+            raise ValueError(
+                f"CausalLMTask's fused loss does not support the loss options {unsupported}; "
+                f"supported: {', '.join(_FUSED_OPTIONS)}"
+            )
+        temperature = loss_fn.current_temperature(step)
+        if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
+            raise ValueError(
+                f"CausalLMTask needs one global temperature, got a tensor of shape {tuple(temperature.shape)} "
+                "(a per-sample LearnableTemperature needs logits, which the fused loss never builds)"
+            )
+        options = {"ignore_index": self.ignore_index, **loss_fn.kd_options}
+        return {**options, "temperature": temperature, "alpha": loss_fn.current_alpha(step)}
+
+    def _hard_only(
+        self, hidden: torch.Tensor, layer: OutputLayer, labels: torch.Tensor, normalizer: Any
+    ) -> KDLoss:
+        """Cross-entropy alone (the baseline), through the same fused loss with alpha = 0."""
+        detached = OutputLayer(
+            layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+        )
+        return fused_linear_kd_loss(
+            hidden,
+            layer.weight,
+            hidden.detach(),
+            detached.weight,
+            labels,
+            temperature=1.0,
+            alpha=0.0,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+            student_bias=layer.bias,
+            teacher_bias=detached.bias,
+            normalizer=normalizer,
+            student_logit_scale=layer.logit_scale,
+            teacher_logit_scale=layer.logit_scale,
+            student_softcap=layer.softcap,
+            teacher_softcap=layer.softcap,
+        )
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_sums(self, student: nn.Module, batch: Any) -> dict[str, float]:
+        """Sums over the batch's predicted tokens: ``loss`` (cross-entropy, nats), ``correct``
+        (argmax hits) and ``count``. Mean loss / count gives perplexity = exp(mean loss)."""
+        inputs = self.inputs(batch)
+        hidden = last_hidden_states(student, *_on_device(student, inputs))
+        layer = output_layer(student)
+        labels = inputs["labels"].to(hidden.device)
+        flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        keep = flat_labels != self.ignore_index
+        flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
+        loss_sum, correct = 0.0, 0
+        for start in range(0, flat_labels.numel(), self.chunk_size):
+            # Chunks of positions: at most chunk_size × vocab logits at a time.
+            chunk_labels = flat_labels[start : start + self.chunk_size]
+            logits = logits_from_hidden(flat_hidden[start : start + self.chunk_size], layer)
+            parts = kd_loss(
+                logits, logits, chunk_labels, temperature=1.0, alpha=0.0, reduction="sum"
+            )
+            loss_sum += float(parts.hard)
+            correct += int((logits.argmax(-1) == chunk_labels).sum())
+        return {"loss": loss_sum, "correct": float(correct), "count": float(flat_labels.numel())}
+
+
+def _on_device(
+    model: nn.Module, inputs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``input_ids`` and ``attention_mask`` on the device of the model's first parameter."""
+    param = next(model.parameters(), None)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if param is None:
+        return ids, mask
+    return ids.to(param.device), None if mask is None else mask.to(param.device)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
