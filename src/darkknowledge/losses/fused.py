@@ -23,6 +23,7 @@ import torch
 from . import _checks
 from .kd import KDLoss, SoftScale, kd_loss, resolve_soft_scale
 from .reduction import Normalizer, valid_positions
+from .transforms import upcast
 
 # Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md):
 # a chunk this size keeps the matrix products efficient while one chunk's float32 logits
@@ -46,8 +47,8 @@ class _Head:
         return torch.addmm(self.bias, hidden, self.weight.T)
 
     def finish(self, pre_logits: torch.Tensor) -> torch.Tensor:
-        """Scale and soft-cap in float32: ``(n, V) -> (n, V)``."""
-        logits = pre_logits.float()
+        """Scale and soft-cap in float32 (or float64): ``(n, V) -> (n, V)``."""
+        logits = upcast(pre_logits)
         if self.scale != 1.0:
             logits = logits * self.scale
         if self.softcap is not None:
@@ -79,11 +80,13 @@ class _ChunkedKD:
         weight = self.student.weight
         need_hidden, need_weight, need_bias, need_temperature = needs
         need_logits = need_hidden or need_weight or need_bias
-        parts = torch.zeros(3, device=hidden.device)  # total, soft, hard, summed over chunks
-        # The weight gradient is the sum of one product per chunk: accumulate it in float32.
+        # float32 math (float64 stays float64), whatever the input dtype.
+        math_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        parts = torch.zeros(3, dtype=math_dtype, device=hidden.device)  # total, soft, hard
+        # The weight gradient is a sum of one product per chunk: accumulate it in math_dtype.
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], device=weight.device) if need_bias else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=math_dtype) if need_weight else None
+        grad_bias = weight.new_zeros(weight.shape[0], dtype=math_dtype) if need_bias else None
         per_position_t = isinstance(temperature, torch.Tensor) and temperature.dim() > 0
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().requires_grad_(need_temperature)
@@ -100,7 +103,7 @@ class _ChunkedKD:
             with torch.enable_grad():
                 # The gradient is taken with respect to the pre-activation logits in float32:
                 # the matrix products below then give the hidden, weight and bias gradients.
-                pre = pre.float().requires_grad_(need_logits)
+                pre = upcast(pre).requires_grad_(need_logits)
                 part = kd_loss(
                     self.student.finish(pre),
                     teacher_logits,
@@ -126,7 +129,7 @@ class _ChunkedKD:
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])  # (c, V) @ (V, H_s)
             if need_weight:
-                if hidden.dtype == torch.float32:
+                if hidden.dtype == math_dtype:
                     grad_weight.addmm_(grad_logits.T, chunk)  # (V, c) @ (c, H_s)
                 else:
                     grad_weight += grad_logits.T @ chunk

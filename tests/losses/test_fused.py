@@ -1,0 +1,385 @@
+"""fused_linear_kd_loss against kd_loss on the full logits: values, gradients, memory, errors."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+import darkknowledge as dk
+from darkknowledge.losses.fused import fused_linear_kd_loss
+
+DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+def make_inputs(
+    tokens=(2, 7), student_dim=8, teacher_dim=12, vocab=33, dtype=torch.float64, bias=True, seed=0
+):
+    """Student/teacher hidden states and output layers with a few ignored labels."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    inputs = {
+        "student_hidden": randn(*tokens, student_dim).requires_grad_(),
+        "student_weight": randn(vocab, student_dim, scale=0.5).requires_grad_(),
+        "teacher_hidden": randn(*tokens, teacher_dim),
+        "teacher_weight": randn(vocab, teacher_dim, scale=0.5),
+        "labels": torch.randint(vocab, tokens, generator=gen),
+    }
+    inputs["labels"].view(-1)[::4] = -100
+    if bias:
+        inputs["student_bias"] = randn(vocab).requires_grad_()
+        inputs["teacher_bias"] = randn(vocab)
+    return inputs
+
+
+def project(hidden, weight, bias=None, scale=1.0, softcap=None):
+    """The unfused logits, in float64: scale·(h Wᵀ + b), then the optional softcap."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def reference(inputs, scales=(1.0, 1.0), softcaps=(None, None), **options):
+    """kd_loss on the full float64 logits, and its gradients for the student tensors."""
+    leaves = {
+        k: v.detach().double().requires_grad_()
+        for k, v in inputs.items()
+        if k.startswith("student")
+    }
+    student = project(
+        leaves["student_hidden"],
+        leaves["student_weight"],
+        leaves.get("student_bias"),
+        scales[0],
+        softcaps[0],
+    )
+    teacher = project(
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs.get("teacher_bias"),
+        scales[1],
+        softcaps[1],
+    )
+    loss = dk.kd_loss(student, teacher, inputs["labels"], **options)
+    grads = torch.autograd.grad(loss.total, list(leaves.values()))
+    return loss, dict(zip(leaves, grads))
+
+
+def fused(inputs, **options):
+    loss = fused_linear_kd_loss(
+        inputs["student_hidden"],
+        inputs["student_weight"],
+        inputs["teacher_hidden"],
+        inputs["teacher_weight"],
+        inputs["labels"],
+        student_bias=inputs.get("student_bias"),
+        teacher_bias=inputs.get("teacher_bias"),
+        **options,
+    )
+    names = [k for k in inputs if k.startswith("student")]
+    grads = torch.autograd.grad(loss.total, [inputs[k] for k in names])
+    return loss, dict(zip(names, grads))
+
+
+def assert_close(fused_result, reference_result, rtol=1e-9, atol=1e-10):
+    (loss, grads), (ref_loss, ref_grads) = fused_result, reference_result
+    for name in ("total", "soft", "hard"):
+        torch.testing.assert_close(
+            getattr(loss, name).double(), getattr(ref_loss, name), rtol=rtol, atol=atol
+        )
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == ref_grads[name].dtype or grad.dtype != torch.float64
+        torch.testing.assert_close(grad.double(), ref_grads[name], rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_fused_linear_kd_loss_matches_kd_loss_every_divergence(divergence):
+    inputs = make_inputs()
+    options = dict(temperature=2.0, alpha=0.7, divergence=divergence, beta=0.3, lam=0.2)
+    # 14 rows in chunks of 4: the last chunk has 2 rows.
+    assert_close(fused(inputs, chunk_size=4, **options), reference(inputs, **options))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 14, 1000])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_linear_kd_loss_independent_of_chunking(chunk_size, bias):
+    inputs = make_inputs(bias=bias)
+    options = dict(temperature=3.0, alpha=0.5)
+    assert_close(fused(inputs, chunk_size=chunk_size, **options), reference(inputs, **options))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_linear_kd_loss_reductions_and_soft_scale(reduction):
+    inputs = make_inputs()
+    options = dict(temperature=1.5, alpha=0.9, reduction=reduction, soft_scale=0.5)
+    assert_close(fused(inputs, chunk_size=3, **options), reference(inputs, **options))
+
+
+def test_fused_linear_kd_loss_float32_close_to_float64_reference():
+    inputs = make_inputs(dtype=torch.float32, vocab=300)
+    options = dict(temperature=2.0, alpha=0.8, divergence="jsd")
+    result = fused(inputs, chunk_size=4, **options)
+    assert all(g.dtype == torch.float32 for g in result[1].values())
+    assert_close(result, reference(inputs, **options), rtol=1e-4, atol=1e-6)
+
+
+def test_fused_linear_kd_loss_bfloat16_within_tolerance():
+    inputs = make_inputs(dtype=torch.bfloat16, vocab=300)
+    options = dict(temperature=2.0, alpha=0.8)
+    loss, grads = fused(inputs, chunk_size=4, **options)
+    assert all(g.dtype == torch.bfloat16 for g in grads.values())
+    ref_loss, ref_grads = reference(inputs, **options)
+    torch.testing.assert_close(loss.total.double(), ref_loss.total, rtol=2e-2, atol=1e-3)
+    for name, grad in grads.items():
+        error = (grad.double() - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert error < 3e-2, name
+
+
+def test_fused_linear_kd_loss_logit_scale_and_softcap():
+    inputs = make_inputs()
+    options = dict(temperature=2.0, alpha=0.6, divergence="reverse_kl")
+    result = fused(
+        inputs,
+        chunk_size=5,
+        student_logit_scale=0.7,
+        teacher_logit_scale=1.3,
+        student_softcap=2.0,
+        teacher_softcap=3.0,
+        **options,
+    )
+    expected = reference(inputs, scales=(0.7, 1.3), softcaps=(2.0, 3.0), **options)
+    assert_close(result, expected)
+    # The softcap really changes the loss (it is not silently ignored).
+    plain = fused(inputs, chunk_size=5, **options)
+    assert not torch.allclose(plain[0].total, result[0].total)
+
+
+def test_fused_linear_kd_loss_all_masked_is_zero_with_zero_grads():
+    inputs = make_inputs()
+    inputs["labels"].fill_(-100)
+    loss, grads = fused(inputs, chunk_size=4, temperature=2.0, alpha=0.5)
+    assert loss.total.item() == 0.0 and loss.soft.item() == 0.0 and loss.hard.item() == 0.0
+    for grad in grads.values():
+        assert torch.isfinite(grad).all() and not grad.any()
+
+
+def test_fused_linear_kd_loss_per_position_temperature_gets_its_gradient():
+    inputs = make_inputs()
+    temperature = (1.0 + torch.rand(2, 7, dtype=torch.float64)).requires_grad_()
+    loss = fused_linear_kd_loss(
+        inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+        inputs["teacher_weight"], inputs["labels"], temperature=temperature, alpha=0.9, chunk_size=3,
+    )  # fmt: skip
+    grad = torch.autograd.grad(loss.total, temperature)[0]
+    t_ref = temperature.detach().clone().requires_grad_()
+    ref = dk.kd_loss(
+        project(inputs["student_hidden"], inputs["student_weight"]),
+        project(inputs["teacher_hidden"], inputs["teacher_weight"]),
+        inputs["labels"], temperature=t_ref, alpha=0.9,
+    )  # fmt: skip
+    torch.testing.assert_close(loss.total, ref.total)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.total, t_ref)[0])
+
+
+def test_fused_linear_kd_loss_gradcheck():
+    inputs = make_inputs(tokens=(5,), student_dim=3, teacher_dim=4, vocab=6)
+
+    def loss_of(hidden, weight, bias):
+        return fused_linear_kd_loss(
+            hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"], inputs["labels"],
+            student_bias=bias, teacher_bias=inputs["teacher_bias"], temperature=2.0, alpha=0.6,
+            divergence="jsd", chunk_size=2,
+        ).total  # fmt: skip
+
+    student = (inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"])
+    assert torch.autograd.gradcheck(loss_of, student)
+
+
+def test_fused_linear_kd_loss_scales_stored_gradients_by_grad_output():
+    inputs = make_inputs()
+    _, grads = fused(inputs, chunk_size=4, temperature=2.0, alpha=0.5)
+    loss = fused_linear_kd_loss(
+        inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+        inputs["teacher_weight"], inputs["labels"], temperature=2.0, alpha=0.5, chunk_size=4,
+        student_bias=inputs["student_bias"], teacher_bias=inputs["teacher_bias"],
+    )  # fmt: skip
+    scaled = torch.autograd.grad(-3.0 * loss.total, inputs["student_weight"])[0]
+    torch.testing.assert_close(scaled, -3.0 * grads["student_weight"])
+
+
+def test_fused_linear_kd_loss_without_grad_gives_the_same_values():
+    inputs = make_inputs()
+    options = dict(temperature=2.0, alpha=0.5, chunk_size=4)
+    with torch.no_grad():
+        loss = fused_linear_kd_loss(
+            inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+            inputs["teacher_weight"], inputs["labels"], **options,
+        )  # fmt: skip
+    assert not loss.total.requires_grad
+    ref, _ = reference(
+        {k: v for k, v in inputs.items() if "bias" not in k}, temperature=2.0, alpha=0.5
+    )
+    torch.testing.assert_close(loss.total, ref.total)
+
+
+def test_fused_linear_kd_loss_gradient_accumulation_with_global_normalizer():
+    inputs = make_inputs(tokens=(6, 5))
+    options = dict(temperature=2.0, alpha=0.7, chunk_size=4)
+    whole, whole_grads = fused(inputs, **options)
+    global_count = dk.count_valid(inputs["labels"])
+    total = 0.0
+    grads = {k: 0.0 for k in whole_grads}
+    for rows in (slice(0, 2), slice(2, 3), slice(3, 6)):  # micro-batches of 2, 1 and 3 sequences
+        micro = {k: v[rows] if "hidden" in k or k == "labels" else v for k, v in inputs.items()}
+        micro = {k: v.detach().requires_grad_(v.requires_grad) for k, v in micro.items()}
+        loss, micro_grads = fused(micro, normalizer=global_count, **options)
+        total = total + loss.total
+        for name, grad in micro_grads.items():
+            grads[name] = grads[name] + (grad if "hidden" not in name else 0.0)
+        hidden_grad = micro_grads["student_hidden"]
+        torch.testing.assert_close(hidden_grad, whole_grads["student_hidden"][rows])
+    torch.testing.assert_close(total, whole.total)
+    for name in ("student_weight", "student_bias"):
+        torch.testing.assert_close(grads[name], whole_grads[name])
+
+
+class SavedBytes:
+    """Bytes saved for backward and still held once the forward pass is over.
+
+    A pack hook wraps every saved tensor in a holder and keeps a weak reference to it; the
+    holders still alive after the forward pass are what the graph keeps for backward (the fused
+    loss's own per-chunk graphs are freed inside its forward). Storages are counted once.
+    """
+
+    class Holder:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    def __init__(self):
+        self.holders = []
+
+    def pack(self, tensor):
+        holder = self.Holder(tensor)
+        self.holders.append(weakref.ref(holder))
+        return holder
+
+    @staticmethod
+    def unpack(holder):
+        return holder.tensor
+
+    def alive_bytes(self):
+        storages = {}
+        for ref in self.holders:
+            holder = ref()
+            if holder is not None:
+                storage = holder.tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+
+def saved_bytes(tokens, vocab, *, naive, chunk_size=16, hidden=8):
+    inputs = make_inputs(
+        tokens=(tokens,), student_dim=hidden, teacher_dim=hidden, vocab=vocab, dtype=torch.float32
+    )
+    counter = SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        if naive:
+            student = inputs["student_hidden"] @ inputs["student_weight"].T + inputs["student_bias"]
+            teacher = inputs["teacher_hidden"] @ inputs["teacher_weight"].T + inputs["teacher_bias"]
+            loss = dk.kd_loss(student, teacher, inputs["labels"], temperature=2.0, alpha=0.5)
+        else:
+            loss = fused_linear_kd_loss(
+                inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                inputs["teacher_weight"], inputs["labels"], student_bias=inputs["student_bias"],
+                teacher_bias=inputs["teacher_bias"], temperature=2.0, alpha=0.5, chunk_size=chunk_size,
+            )  # fmt: skip
+        held = counter.alive_bytes()
+    loss.total.backward()  # the saved tensors are usable
+    return held
+
+
+def test_fused_linear_kd_loss_saves_only_gradient_buffers():
+    vocab, hidden, chunk_size = 2000, 8, 16
+    chunk_logits = chunk_size * vocab * 4
+    for tokens in (64, 256):
+        gradients = (tokens * hidden + vocab * hidden + vocab) * 4
+        fused_bytes = saved_bytes(tokens, vocab, naive=False, chunk_size=chunk_size)
+        naive_bytes = saved_bytes(tokens, vocab, naive=True)
+        assert fused_bytes <= gradients + 2 * chunk_logits
+        # The naive graph keeps several (tokens, vocab) float32 tensors.
+        assert naive_bytes >= 3 * tokens * vocab * 4
+    assert (
+        saved_bytes(256, vocab, naive=True) - saved_bytes(64, vocab, naive=True)
+        >= 3 * 192 * vocab * 4
+    )
+
+
+def test_fused_linear_kd_loss_padding_vocabulary_with_vocab_size():
+    inputs = make_inputs(vocab=40)
+    # The student has 40 rows, the teacher 33 real rows + 7 padding: cut both to 33.
+    inputs["teacher_weight"] = inputs["teacher_weight"][:33]
+    inputs["teacher_bias"] = inputs["teacher_bias"][:33]
+    inputs["labels"] = inputs["labels"].clamp_max(32)
+    loss, grads = fused(inputs, chunk_size=4, temperature=2.0, alpha=0.5, vocab_size=33)
+    cut = dict(inputs)
+    cut["student_weight"] = inputs["student_weight"][:33]
+    cut["student_bias"] = inputs["student_bias"][:33]
+    ref_loss, ref_grads = reference(cut, temperature=2.0, alpha=0.5)
+    torch.testing.assert_close(loss.total, ref_loss.total)
+    assert grads["student_weight"].shape == (40, 8)
+    torch.testing.assert_close(grads["student_weight"][:33], ref_grads["student_weight"])
+    assert not grads["student_weight"][33:].any() and not grads["student_bias"][33:].any()
+
+
+def call(inputs, **options):
+    options = {"temperature": 2.0, "alpha": 0.5, **options}
+    return fused_linear_kd_loss(
+        inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+        inputs["teacher_weight"], inputs["labels"], **options,
+    )  # fmt: skip
+
+
+def test_fused_linear_kd_loss_rejects_vocab_mismatch():
+    inputs = make_inputs(vocab=40, bias=False)
+    inputs["teacher_weight"] = inputs["teacher_weight"][:33]
+    with pytest.raises(ValueError, match=r"40 rows.*33.*vocab_size="):
+        call(inputs)
+    with pytest.raises(ValueError, match=r"vocab_size must be in \[1, 33\].*vocab_size=39"):
+        call(inputs, vocab_size=39)
+    inputs["labels"] = inputs["labels"].clamp_min(0).fill_(35)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 30\).*35"):
+        call(inputs, vocab_size=30)
+
+
+def test_fused_linear_kd_loss_rejects_bad_shapes_and_options():
+    inputs = make_inputs(bias=False)
+    bad_hidden = dict(inputs, teacher_hidden=inputs["teacher_hidden"][:, :5])
+    with pytest.raises(ValueError, match=r"same leading.*\(2, 7, 8\) and \(2, 5, 12\)"):
+        call(bad_hidden)
+    bad_weight = dict(inputs, student_weight=inputs["student_weight"][:, :5])
+    with pytest.raises(
+        ValueError, match=r"student_weight must have shape \(V, H\) with H = .* = 8, got \(33, 5\)"
+    ):
+        call(bad_weight)
+    for chunk_size in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f"chunk_size={chunk_size!r}"):
+            call(inputs, chunk_size=chunk_size)
+    with pytest.raises(ValueError, match="reduction"):
+        call(inputs, reduction="none")
+    with pytest.raises(ValueError, match="needs labels"):
+        call(dict(inputs, labels=None))
+    with pytest.raises(ValueError, match="student_softcap"):
+        call(inputs, student_softcap=0.0)
+    with pytest.raises(TypeError, match="same dtype"):
+        call(dict(inputs, student_weight=inputs["student_weight"].float()))
+    with pytest.raises(ValueError, match="divergence"):
+        call(inputs, divergence="kl")
