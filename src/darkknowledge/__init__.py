@@ -12,6 +12,7 @@ from . import analysis, schedules
 from .losses import DistillationLoss, KDLoss, count_valid, divergence, kd_loss, reduce_positions
 from .losses.fused import fused_linear_kd_loss
 from .temperature import LearnableTemperature
+from .train import ClassificationTask, Distiller, TrainResult
 
 __version__ = "0.1.0"
 
@@ -28,9 +29,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ClassificationTask",
     "DistillationLoss",
+    "Distiller",
     "KDLoss",
     "LearnableTemperature",
+    "TrainResult",
     "__version__",
     "analysis",
     "count_valid",
