@@ -315,12 +315,10 @@ def test_fused_linear_kd_loss_saves_only_gradient_buffers():
         fused_bytes = saved_bytes(tokens, vocab, naive=False, chunk_size=chunk_size)
         naive_bytes = saved_bytes(tokens, vocab, naive=True)
         assert fused_bytes <= gradients + 2 * chunk_logits
-        # The naive graph keeps several (tokens, vocab) float32 tensors.
-        assert naive_bytes >= 3 * tokens * vocab * 4
-    assert (
-        saved_bytes(256, vocab, naive=True) - saved_bytes(64, vocab, naive=True)
-        >= 3 * 192 * vocab * 4
-    )
+        # The naive graph keeps at least one (tokens, vocab) float32 tensor (kd_loss keeps two).
+        assert naive_bytes >= tokens * vocab * 4
+    growth = saved_bytes(256, vocab, naive=True) - saved_bytes(64, vocab, naive=True)
+    assert growth >= (256 - 64) * vocab * 4
 
 
 def test_fused_linear_kd_loss_padding_vocabulary_with_vocab_size():
