@@ -1,0 +1,25 @@
+"""The one place where counts and metrics cross processes.
+
+Normalisation rule: each process divides its summed loss by ``global_count / world_size``, where
+``global_count`` counts the valid positions of all micro-batches of the optimizer step on all
+processes. DDP then *averages* gradients over processes, which gives exactly the gradient of
+``Σ loss / global_count``, as one big batch would.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+
+def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of ``tensor`` over processes (the tensor itself in a single process)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor, reduction="sum")
+
+
+def step_normalizer(accelerator: Accelerator, global_count: torch.Tensor) -> torch.Tensor:
+    """``max(global_count, 1) / world_size`` as float32: an all-ignored step gives a zero loss,
+    never NaN."""
+    return global_count.clamp_min(1).float() / accelerator.num_processes

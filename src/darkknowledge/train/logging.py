@@ -1,0 +1,70 @@
+"""Metric records to ``<output_dir>/metrics.jsonl`` (one flushed line per record) and TensorBoard.
+
+A record is a flat dict with ``kind`` (``"train"`` or ``"eval"``) and ``step``; numbers go to
+TensorBoard as ``<kind>/<name>`` when ``torch.utils.tensorboard`` can be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger:
+    """Appends records; does nothing on processes other than the main one (``enabled=False``)."""
+
+    def __init__(self, output_dir: str | os.PathLike | None, *, enabled: bool = True) -> None:
+        self.path = Path(output_dir) / METRICS_FILE if output_dir is not None and enabled else None
+        self._file = None
+        self._writer = None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self._writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a killed run keeps every line written so far
+        if self._writer is not None:
+            for name, value in record.items():
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and name != "step"
+                ) and math.isfinite(value):
+                    self._writer.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records after ``step`` (a resumed run rewrites the steps it repeats)."""
+        if self.path is None or not self.path.exists():
+            return
+        self._file.close()
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
