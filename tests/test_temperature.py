@@ -91,16 +91,18 @@ def test_stays_in_range_after_many_adversarial_steps(sign, bound):
     module = dk.LearnableTemperature(
         initial=2.0, minimum=1.0, t_range=4.0, lambda_max=1.0, curriculum_steps=1
     )
-    optimizer = torch.optim.SGD(module.parameters(), lr=50.0)
     student, teacher = torch.randn(8, 10), 5 * torch.randn(8, 10)
     seen = []
-    for step in range(300):
+    for step in range(40):
         tau = module(step=step + 1)
         seen.append(float(tau.detach()))
         loss = dk.kd_loss(student, teacher, temperature=tau, alpha=1.0, soft_scale="none").total
-        optimizer.zero_grad()
+        module.zero_grad()
         (sign * loss).backward()
-        optimizer.step()
+        with torch.no_grad():
+            # A descent step of fixed size however small the gradient (as Adam's roughly is),
+            # so theta runs far into the sigmoid's saturation.
+            module.theta -= module.theta.grad.sign()
     assert all(1.0 <= t <= 5.0 for t in seen)
     assert seen[-1] == pytest.approx(bound, abs=1e-3)
     assert bool(torch.isfinite(module.theta))

@@ -1,10 +1,12 @@
 """The signal-gap study and the ``dk signal-gap`` command."""
 
+import itertools
+
 import pytest
 import torch
 
 import darkknowledge as dk
-from darkknowledge.analysis.signal_gap import draw_logits, format_table
+from darkknowledge.analysis.signal_gap import default_sweep_temperatures, draw_logits, format_table
 from darkknowledge.cli import main
 
 
@@ -47,9 +49,13 @@ def test_seed_makes_it_deterministic_and_zero_mean_centres_rows():
 
 
 def test_sweep_default_range_and_high_temperature_approximation():
-    sweep = dk.analysis.gradient_norm_sweep(classes=200, batch_size=4)
-    assert sweep.temperatures[0] == pytest.approx(1.0) and sweep.temperatures[-1] == pytest.approx(
-        100.0
+    default = default_sweep_temperatures()
+    assert default[0] == pytest.approx(1.0) and default[-1] == pytest.approx(100.0)
+    assert all(
+        b / a == pytest.approx(default[1] / default[0]) for a, b in itertools.pairwise(default)
+    )
+    sweep = dk.analysis.gradient_norm_sweep(
+        temperatures=(1.0, 10.0, 100.0), classes=200, batch_size=4
     )
     assert (
         len(sweep.unscaled)
@@ -90,7 +96,19 @@ def test_table_has_the_columns_and_ratio_line():
 
 def test_cli_prints_the_table_and_writes_a_png(tmp_path, capsys):
     plot = tmp_path / "gap.png"
-    code = main(["signal-gap", "--classes", "100", "--temperatures", "1", "5", "--plot", str(plot)])
+    argv = [
+        "signal-gap",
+        "--classes",
+        "100",
+        "--temperatures",
+        "1",
+        "5",
+        "--points",
+        "5",
+        "--plot",
+        str(plot),
+    ]
+    code = main(argv)
     out = capsys.readouterr().out
     assert code == 0
     assert "T=5 scaled" in out and "(T^2 = 25)" in out

@@ -246,6 +246,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=16, help="rows of logits (default: 16)")
     parser.add_argument(
+        "--points",
+        type=int,
+        default=41,
+        help="temperatures from 1 to 100 in the plot (default: 41)",
+    )
+    parser.add_argument(
         "--plot",
         nargs="?",
         const=DEFAULT_PLOT_PATH,
@@ -261,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--classes must be >= 2, got {args.classes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.points < 2:
+        raise ValueError(f"--points must be >= 2, got {args.points}")
     bad = [t for t in args.temperatures if not (math.isfinite(t) and t > 0)]
     if bad:
         raise ValueError(f"--temperatures must all be finite and > 0, got {bad[0]:g}")
@@ -274,8 +282,9 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from .plots import plot_gradient_norm_sweep
 
+        temperatures = default_sweep_temperatures(args.points)
         sweep = gradient_norm_sweep(
-            classes=args.classes, seed=args.seed, batch_size=args.batch_size
+            temperatures, args.classes, args.seed, batch_size=args.batch_size
         )
         plot_gradient_norm_sweep(sweep, args.plot, classes=args.classes)
         print(f"\nplot written to {args.plot}")
