@@ -16,6 +16,11 @@ import sys
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
     "signal-gap": ("darkknowledge.analysis.signal_gap", "soft-loss gradient norm vs temperature, with and without T^2"),
+    "distill": ("darkknowledge.commands.distill", "distil a teacher into a student from a YAML config"),
+    "train": ("darkknowledge.commands.train", "train the config's student from labels alone (the baseline)"),
+    "eval": ("darkknowledge.commands.eval", "evaluate saved student weights on the config's eval data"),
+    "validate": ("darkknowledge.commands.validate", "check a config and list every problem at once"),
+    "demo": ("darkknowledge.commands.demo", "run a self-contained demo: classifier (default) or llm"),
 }
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
