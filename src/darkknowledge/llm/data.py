@@ -75,7 +75,7 @@ def stdlib_corpus(
 
 class RandomWindows:
     """Batches ``{"input_ids": (batch_size, block_size)}`` of random windows, ``num_batches``
-    per pass; every pass repeats the same batches (seeded), so two runs see the same data."""
+    per epoch, seeded by ``seed`` and the epoch, so two runs see the same data."""
 
     def __init__(
         self,
@@ -91,13 +91,17 @@ class RandomWindows:
                 f"the corpus ({data.numel()} bytes) must be longer than block_size={block_size}"
             )
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.num_batches, self.seed = num_batches, seed
+        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch draws other windows (the Distiller calls this)."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.seed + 100_003 * self.epoch)
         offsets = torch.arange(self.block_size)
         for _ in range(self.num_batches):
             starts = torch.randint(

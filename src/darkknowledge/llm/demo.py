@@ -1,0 +1,340 @@
+"""``dk demo llm``: distil a byte-level GPT-2 on the Python standard library, offline.
+
+1. Text: the standard library's own ``*.py`` files as bytes (held-out files for evaluation).
+2. Teacher: a small GPT-2 trained from data, cached under ``--cache-dir`` (safetensors and
+   config JSON, keyed by a hash of its config, training recipe and the corpus bytes), so a
+   second run loads it instead of training it again.
+3. Student: a smaller GPT-2 trained twice for the same steps on the same batches: distilled
+   from the teacher (``dk.Distiller`` + :class:`CausalLMTask`), and from the data alone.
+4. Report: held-out loss, bits per byte and perplexity, training and evaluation tokens per
+   second, parameter counts; a table on stdout, ``results.json`` and ``val_loss.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import VOCAB_SIZE, RandomWindows, sequential_windows, stdlib_corpus
+from .task import CausalLMTask
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of one demo run. ``quick`` is for tests: seconds, not minutes."""
+
+    block_size: int = 64
+    batch_size: int = 16
+    teacher_layers: int = 3
+    teacher_width: int = 128
+    student_layers: int = 1
+    student_width: int = 64
+    teacher_steps: int = 400
+    student_steps: int = 250
+    learning_rate: float = 3e-3
+    train_bytes: int = 2_000_000
+    heldout_bytes: int = 65_536
+    eval_every: int = 25
+    temperature: float = 1.0
+    alpha: float = 0.9
+    seed: int = 0
+
+
+QUICK = Recipe(
+    block_size=32, batch_size=8, teacher_layers=1, teacher_width=32, student_layers=1, student_width=16,
+    teacher_steps=8, student_steps=4, train_bytes=20_000, heldout_bytes=2_048, eval_every=2,
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models and few steps (seconds; for tests)"
+    )
+    parser.add_argument("--teacher-steps", type=int, help="teacher training steps")
+    parser.add_argument(
+        "--student-steps", type=int, help="student training steps (each of the two runs)"
+    )
+    parser.add_argument("--temperature", type=float, help="distillation temperature")
+    parser.add_argument("--alpha", type=float, help="weight of the soft (distillation) term")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--cache-dir",
+        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
+        help="where trained teachers are cached (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
+    )
+    parser.add_argument(
+        "--output-dir", default="dk-reports/llm-demo", help="report folder (JSON + PNG)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    recipe = QUICK if args.quick else Recipe()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("teacher_steps", "student_steps", "temperature", "alpha", "seed")
+        if getattr(args, name, None) is not None
+    }
+    recipe = Recipe(**{**asdict(recipe), **overrides})
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report = run_demo(recipe, cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir))
+    print(format_table(report))
+    print(
+        f"report: {Path(args.output_dir) / 'results.json'}, {Path(args.output_dir) / 'val_loss.png'}"
+    )
+    return 0
+
+
+def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, Any]:
+    """Train (or load) the teacher, then the distilled and the data-only student; write the report."""
+    import darkknowledge as dk
+
+    started = time.perf_counter()
+    corpus = stdlib_corpus(train_bytes=recipe.train_bytes, heldout_bytes=recipe.heldout_bytes)
+    eval_data = sequential_windows(
+        corpus.heldout, block_size=recipe.block_size, batch_size=4 * recipe.batch_size
+    )
+
+    def train_data(steps: int, seed: int) -> RandomWindows:
+        return RandomWindows(
+            corpus.train,
+            block_size=recipe.block_size,
+            batch_size=recipe.batch_size,
+            num_batches=steps,
+            seed=seed,
+        )
+
+    def fit(student, teacher, steps: int) -> dict[str, Any]:
+        distiller = dk.Distiller(
+            student,
+            teacher,
+            train_data(steps, recipe.seed),
+            task=CausalLMTask(),
+            temperature=recipe.temperature,
+            alpha=recipe.alpha,
+            learning_rate=dk.schedules.warmup_cosine(
+                recipe.learning_rate, steps // 10, steps, end=recipe.learning_rate / 10
+            ),
+            max_steps=steps,
+            max_grad_norm=1.0,
+            eval_data=eval_data,
+            eval_every=recipe.eval_every,
+            seed=recipe.seed,
+            progress=False,
+        )
+        began = time.perf_counter()
+        result = distiller.fit()
+        seconds = time.perf_counter() - began
+        curve = [(r["step"], r["loss"]) for r in result.history if r["kind"] == "eval"]
+        return {
+            "train_seconds": seconds,
+            "train_tokens_per_s": _train_tokens(recipe, steps) / seconds,
+            "curve": curve,
+        }
+
+    teacher, teacher_info = _teacher(recipe, corpus.digest, cache_dir, fit)
+    results: dict[str, Any] = {"teacher": {**teacher_info, **_evaluate(teacher, eval_data)}}
+    for name, use_teacher in (("distilled", True), ("data_only", False)):
+        student = _gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
+        info = fit(student, teacher if use_teacher else None, recipe.student_steps)
+        results[name] = {
+            **info,
+            **_evaluate(student, eval_data),
+            "parameters": _parameters(student),
+        }
+    report = {
+        "recipe": asdict(recipe),
+        "corpus": {
+            "train_bytes": corpus.train.numel(),
+            "heldout_bytes": corpus.heldout.numel(),
+            "heldout_files": list(corpus.heldout_files),
+            "digest": corpus.digest,
+        },
+        "threads": torch.get_num_threads(),
+        "models": results,
+        "total_seconds": time.perf_counter() - started,
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(output_dir / "results.json", report)
+    _plot(report, output_dir / "val_loss.png")
+    return report
+
+
+def _teacher(recipe: Recipe, digest: str, cache_dir: Path, fit) -> tuple[Any, dict[str, Any]]:
+    """The cached teacher if its key matches, else a freshly trained one (then cached)."""
+    import transformers
+
+    teacher_recipe = {
+        "config": _gpt2_config(recipe.teacher_layers, recipe.teacher_width, recipe).to_dict(),
+        "steps": recipe.teacher_steps,
+        "learning_rate": recipe.learning_rate,
+        "batch_size": recipe.batch_size,
+        "seed": recipe.seed,
+        "corpus": digest,
+    }
+    key = hashlib.sha256(
+        json.dumps(teacher_recipe, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    path = cache_dir / f"llm-demo-teacher-{key}"
+    if (path / "meta.json").is_file():
+        teacher = transformers.GPT2LMHeadModel.from_pretrained(path)
+        meta = json.loads((path / "meta.json").read_text())
+        return teacher, {
+            **meta,
+            "cached": True,
+            "cache_path": str(path),
+            "parameters": _parameters(teacher),
+        }
+    teacher = _gpt2(recipe.teacher_layers, recipe.teacher_width, recipe, seed=recipe.seed)
+    info = fit(teacher, None, recipe.teacher_steps)
+    meta = {key: info[key] for key in ("train_seconds", "train_tokens_per_s", "curve")}
+    _save_atomically(teacher, meta, path)
+    return teacher, {
+        **meta,
+        "cached": False,
+        "cache_path": str(path),
+        "parameters": _parameters(teacher),
+    }
+
+
+def _save_atomically(model, meta: dict, path: Path) -> None:
+    """safetensors + config.json + meta.json in a temporary folder, renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, path)  # a folder rename: readers see all of it or none of it
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "meta.json").is_file():  # another run may have won the race
+            raise
+
+
+def _gpt2_config(layers: int, width: int, recipe: Recipe):
+    import transformers
+
+    return transformers.GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=recipe.block_size,
+        n_embd=width,
+        n_layer=layers,
+        n_head=max(1, width // 32),
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+def _gpt2(layers: int, width: int, recipe: Recipe, *, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(_gpt2_config(layers, width, recipe))
+
+
+def _evaluate(model, eval_data: list) -> dict[str, float]:
+    """Held-out loss (nats per byte), bits per byte, perplexity, accuracy, and eval tokens/s."""
+    task = CausalLMTask()
+    was_training = model.training
+    model.eval()
+    began = time.perf_counter()
+    sums: dict[str, float] = {}
+    for batch in eval_data:
+        for name, value in task.eval_sums(model, batch).items():
+            sums[name] = sums.get(name, 0.0) + value
+    seconds = time.perf_counter() - began
+    model.train(was_training)
+    loss = sums["loss"] / sums["count"]
+    return {
+        "eval_loss": loss,
+        "bits_per_byte": loss / math.log(2),
+        "perplexity": math.exp(loss),
+        "accuracy": sums["correct"] / sums["count"],
+        "eval_tokens_per_s": sum(b["input_ids"].numel() for b in eval_data) / seconds,
+    }
+
+
+def _parameters(model) -> int:
+    # Count each tensor once: GPT-2's output layer is its input embedding.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _train_tokens(recipe: Recipe, steps: int) -> int:
+    return steps * recipe.batch_size * recipe.block_size
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = [("model", "params", "bits/byte", "perplexity", "accuracy", "train tok/s", "eval tok/s")]
+    labels = {
+        "teacher": "teacher",
+        "distilled": "student, distilled",
+        "data_only": "student, data only",
+    }
+    for name, label in labels.items():
+        m = report["models"][name]
+        train = "cached" if m.get("cached") else f"{m['train_tokens_per_s']:.0f}"
+        rows.append(
+            (label, f"{m['parameters']:,}", f"{m['bits_per_byte']:.3f}", f"{m['perplexity']:.2f}",
+             f"{m['accuracy']:.3f}", train, f"{m['eval_tokens_per_s']:.0f}")
+        )  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(
+        f"held-out: {report['corpus']['heldout_bytes']:,} bytes of {len(report['corpus']['heldout_files'])} unseen stdlib files; total {report['total_seconds']:.0f} s on {report['threads']} threads"
+    )
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(data, handle, indent=2)
+    os.replace(handle.name, path)
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for name, label in (("distilled", "student, distilled"), ("data_only", "student, data only")):
+        steps, losses = (
+            zip(*report["models"][name]["curve"]) if report["models"][name]["curve"] else ((), ())
+        )
+        axes.plot(
+            steps, [loss / math.log(2) for loss in losses], marker="o", markersize=3, label=label
+        )
+    axes.axhline(
+        report["models"]["teacher"]["bits_per_byte"], color="grey", linestyle="--", label="teacher"
+    )
+    axes.set_xlabel("step")
+    axes.set_ylabel("held-out bits per byte")
+    axes.set_title("dk demo llm: byte-level GPT-2 on the Python stdlib")
+    axes.legend()
+    figure.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+    os.replace(handle.name, path)
