@@ -1,0 +1,197 @@
+"""The Distiller on tiny CPU models: learning, frozen teacher, logs, accumulation, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import trainkit
+from trainkit import loader, mlp, points, state, teacher_mlp
+
+import darkknowledge as dk
+from darkknowledge.losses import kd_loss
+
+
+def test_distiller_loss_falls_and_teacher_stays_frozen(tmp_path):
+    teacher, student = teacher_mlp(), mlp(0)
+    teacher_before = state(teacher)
+    distiller = dk.Distiller(
+        student, teacher, loader(points(), 32, shuffle=True), max_steps=60, learning_rate=1e-2,
+        eval_data=loader(points(128, seed=1), 64), eval_every=30, output_dir=tmp_path,
+        log_every=5, progress=False,
+    )  # fmt: skip
+    result = distiller.fit()
+
+    train = [r for r in result.history if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(5, 61, 5))
+    assert train[-1]["total"] < 0.5 * train[0]["total"]
+    assert result.final["eval_accuracy"] > 0.6  # the teacher labels the data: it is learnable
+    assert [r["step"] for r in result.history if r["kind"] == "eval"] == [30, 60]
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[name]), name
+
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    named = {"total", "soft", "hard", "temperature", "alpha", "lr", "soft_grad_norm", "hard_grad_norm"}
+    assert named <= set(train[0])
+    assert train[0]["temperature"] == 4.0 and train[0]["alpha"] == 0.9
+    assert train[0]["soft_grad_norm"] > 0 and train[0]["hard_grad_norm"] > 0
+    assert abs(train[0]["total"] - (0.1 * train[0]["hard"] + 0.9 * 16 * train[0]["soft"])) < 1e-5
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_distiller_signal_meter_matches_autograd():
+    """The logged soft/hard gradient norms are those of the two terms at the student logits."""
+    teacher, student = teacher_mlp(), mlp(0)
+    inputs, labels = points(32)[:]
+    expected_student = mlp(0)
+    logits = expected_student(inputs)
+    loss = kd_loss(logits, teacher(inputs).detach(), labels, temperature=2.0, alpha=0.7)
+    (hard_grad,) = torch.autograd.grad(0.3 * loss.hard, logits, retain_graph=True)
+    (soft_grad,) = torch.autograd.grad(0.7 * 4.0 * loss.soft, logits)
+    distiller = dk.Distiller(
+        student, teacher, [(inputs, labels)], temperature=2.0, alpha=0.7, max_steps=1, progress=False
+    )
+    record = distiller.fit().history[0]
+    assert record["hard_grad_norm"] == pytest.approx(float(hard_grad.norm()), rel=1e-5)
+    assert record["soft_grad_norm"] == pytest.approx(float(soft_grad.norm()), rel=1e-5)
+
+
+def test_distiller_without_teacher_trains_on_labels_alone():
+    data = loader(points(), 64)
+    result = dk.Distiller(mlp(0), None, data, max_steps=12, learning_rate=1e-2, progress=False).fit()
+    first, last = result.history[0], result.history[-1]
+    assert first["alpha"] == 0.0 and first["soft"] == 0.0 and first["soft_grad_norm"] == 0.0
+    assert first["total"] == pytest.approx(first["hard"])
+    assert last["total"] < first["total"]
+
+
+def test_distiller_schedules_reach_the_loss():
+    """Scheduled temperature, alpha and learning rate are the ones in force at each step."""
+    result = dk.Distiller(
+        mlp(0), teacher_mlp(), loader(points(64), 16), max_steps=4, progress=False,
+        temperature=dk.schedules.linear(8.0, 2.0, 3), alpha=dk.schedules.linear(1.0, 0.5, 3),
+        learning_rate=dk.schedules.linear(1e-2, 1e-3, 3),
+    ).fit()  # fmt: skip
+    assert [r["temperature"] for r in result.history] == pytest.approx([8.0, 6.0, 4.0, 2.0])
+    assert [r["alpha"] for r in result.history] == pytest.approx([1.0, 5 / 6, 2 / 3, 0.5])
+    assert [r["lr"] for r in result.history] == pytest.approx([1e-2, 7e-3, 4e-3, 1e-3])
+    assert result.history[0]["hard_grad_norm"] == 0.0  # alpha = 1: the hard term has no weight
+
+
+def _train(batches, grad_accum_steps):
+    student = mlp(0)
+    dk.Distiller(
+        student, teacher_mlp(), batches, grad_accum_steps=grad_accum_steps, alpha=0.5, optimizer="sgd",
+        learning_rate=0.5, max_steps=3, progress=False,
+    ).fit()  # fmt: skip
+    return state(student)
+
+
+def test_distiller_grad_accumulation_equals_one_big_batch():
+    """k micro-batches with uneven valid counts give the update of one batch of k times the size."""
+    inputs, labels = points(96, ignore_every=3)[:]
+    labels[:20] = -100  # the first micro-batch has far fewer valid samples than the second
+    big = [(inputs[i : i + 32], labels[i : i + 32]) for i in range(0, 96, 32)]
+    small = [(inputs[i : i + 16], labels[i : i + 16]) for i in range(0, 96, 16)]
+    accumulated, single = _train(small, 2), _train(big, 1)
+    for name in single:
+        torch.testing.assert_close(accumulated[name], single[name], rtol=1e-5, atol=1e-6)
+
+    # The trap this guards against: averaging per-micro-batch means is a different gradient.
+    student, teacher = mlp(0), teacher_mlp()
+    per_micro_mean = sum(
+        kd_loss(student(x), teacher(x).detach(), y, temperature=4.0, alpha=0.5).total
+        for x, y in small[:2]
+    ) / 2
+    global_mean = kd_loss(student(big[0][0]), teacher(big[0][0]).detach(), big[0][1], temperature=4.0, alpha=0.5).total
+    assert abs(float(per_micro_mean.detach() - global_mean.detach())) > 1e-3
+
+
+def test_distiller_learnable_temperature_trains_with_the_student(tmp_path):
+    temperature = dk.LearnableTemperature(initial=4.0, curriculum_steps=2)
+    before = float(temperature(step=0).detach())
+    distiller = dk.Distiller(
+        mlp(0), teacher_mlp(), loader(points(64), 16), temperature=temperature, max_steps=6,
+        learning_rate=0.05, output_dir=tmp_path, progress=False,
+    )  # fmt: skip
+    result = distiller.fit()
+    after = float(temperature(step=0).detach())
+    assert after != before
+    logged = [r["temperature"] for r in result.history]  # the temperature in force at each step
+    assert logged[0] == pytest.approx(4.0, rel=1e-6)
+    assert len(set(logged)) > 3
+    in_optimizer = {id(p) for g in distiller.optimizer.param_groups for p in g["params"]}
+    assert id(temperature.theta) in in_optimizer
+    assert (tmp_path / "checkpoints" / "step-00000006" / "temperature.safetensors").exists()
+
+
+def test_distiller_teacher_in_another_dtype():
+    teacher = teacher_mlp()
+    result = dk.Distiller(mlp(0), teacher, loader(points(64), 32), teacher_dtype="bf16", max_steps=2, progress=False).fit()
+    assert next(teacher.parameters()).dtype == torch.bfloat16
+    assert all(torch.isfinite(torch.tensor(r["total"])) for r in result.history)
+
+
+def test_distiller_bf16_mixed_precision_runs():
+    result = dk.Distiller(mlp(0), teacher_mlp(), loader(points(64), 32), mixed_precision="bf16", max_steps=2, progress=False).fit()
+    assert torch.isfinite(torch.tensor(result.final["total"]))
+
+
+def test_distiller_evaluate_reports_means():
+    distiller = dk.Distiller(mlp(0), teacher_mlp(), loader(points(64), 32), max_steps=1, progress=False)
+    data = points(50, ignore_every=5)  # 10 ignored labels: count is 40
+    metrics = distiller.evaluate(loader(data, 16))
+    inputs, labels = data[:]
+    with torch.no_grad():
+        logits = distiller.student(inputs)
+    valid = labels != -100
+    expected = (logits.argmax(-1) == labels)[valid].float().mean()
+    loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid])
+    assert metrics["count"] == 40
+    assert metrics["accuracy"] == pytest.approx(float(expected))
+    assert metrics["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+def test_distiller_export_student_writes_weights_and_config(tmp_path):
+    student = mlp(0)
+    distiller = dk.Distiller(student, teacher_mlp(), loader(points(64), 32), max_steps=2, progress=False)
+    distiller.fit()
+    path = distiller.export_student(tmp_path / "student", config={"hidden": 32})
+    from safetensors.torch import load_file
+
+    fresh = mlp(99)
+    fresh.load_state_dict(load_file(str(path / "model.safetensors")))
+    for name, value in student.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value)
+    assert json.loads((path / "config.json").read_text()) == {"hidden": 32}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_steps": 0}, "max_steps"),
+        ({"grad_accum_steps": 1.5}, "grad_accum_steps"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"save_every": 5}, "output_dir"),
+        ({"eval_every": 5}, "eval_data"),
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"loss_options": {"normalizer": 3}}, "normalizer"),
+        ({"teacher_dtype": "int8"}, "teacher_dtype"),
+    ],
+)
+def test_distiller_rejects_bad_arguments(options, message):
+    with pytest.raises(ValueError, match=message):
+        dk.Distiller(mlp(0), mlp(1), [(torch.randn(4, trainkit.DIM), torch.zeros(4, dtype=torch.long))], **{"max_steps": 3, **options})
+
+
+def test_distiller_rejects_one_shot_iterators_and_shared_teacher():
+    batches = [(torch.randn(4, trainkit.DIM), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(TypeError, match="train_data"):
+        dk.Distiller(mlp(0), mlp(1), iter(batches), max_steps=1)
+    student = mlp(0)
+    with pytest.raises(ValueError, match="share parameters"):
+        dk.Distiller(student, student, batches, max_steps=1)
