@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from . import _checks
+from ._forward_kl_ce import ForwardKLAndCE
 from .divergences import per_position_divergence
 from .reduction import Normalizer, reduce_positions, valid_positions
-from .transforms import decoupled_kd, soften, upcast
+from .transforms import compute_dtype, decoupled_kd, soften
 
 SoftScale = str | float
 
@@ -157,47 +157,81 @@ def kd_loss(
         _checks.check_mask(mask, leading_shape)
     if labels is not None:
         _checks.check_labels(labels, leading_shape, num_classes, ignore_index)
-    elif alpha != 1.0 or dkd_weights is not None:
+    elif alpha != 1.0:
         raise ValueError(
-            f"alpha={alpha!r} < 1 weights a hard cross-entropy term, which needs labels; "
-            "pass labels, or alpha=1.0 for pure distillation"
+            f"labels=None with alpha={alpha!r}: alpha < 1 weights a hard cross-entropy term, "
+            "which needs labels; pass labels, or alpha=1.0 for pure distillation"
         )
-    if dkd_weights is not None and divergence != "forward_kl":
-        raise ValueError(f'dkd_weights decouples the forward KL; got divergence={divergence!r}, use "forward_kl"')
+    elif dkd_weights is not None:
+        raise ValueError(
+            "labels=None with dkd_weights: decoupled KD splits on the target class, which needs "
+            "labels; pass labels, or dkd_weights=None"
+        )
+    if dkd_weights is not None:
+        if divergence != "forward_kl":
+            raise ValueError(
+                f'dkd_weights decouples the forward KL; got divergence={divergence!r}, use "forward_kl"'
+            )
+        _check_dkd_weights(dkd_weights)
     scale = resolve_soft_scale(soft_scale, temperature)
     valid = valid_positions(labels, mask, ignore_index)
+    # Ignored positions get class 0 (any valid index would do); reduce_positions masks them out.
+    safe_labels = None if labels is None else labels.masked_fill(labels == ignore_index, 0)
 
-    log_q = soften(student_logits, temperature, standardize=standardize)
-    log_p = soften(teacher_logits.detach(), temperature, standardize=standardize)
-    if dkd_weights is not None:
-        safe_labels = labels.clamp_min(0)  # ignored positions get class 0 and are masked below
-        soft_pos = decoupled_kd(log_q, log_p, safe_labels, *dkd_weights)
-    else:
-        soft_pos = per_position_divergence(log_q, log_p, divergence, beta=beta, lam=lam)
-
-    if labels is None:
-        hard_pos = torch.zeros_like(soft_pos)
-    else:
-        # The hard term always sees the unscaled logits (T = 1, no standardisation).
-        log_probs = log_q if _is_plain_unit_temperature(temperature, standardize) else torch.log_softmax(
-            upcast(student_logits), dim=-1
+    if _fast_path(divergence, standardize, dkd_weights, temperature):
+        # The default objective, with one pass over the logits and no full-size saved tensors.
+        fast_temperature = temperature
+        if isinstance(temperature, torch.Tensor):
+            fast_temperature = temperature.to(compute_dtype(student_logits.dtype)).unsqueeze(-1)
+        soft_pos, hard_pos = ForwardKLAndCE.apply(
+            student_logits, teacher_logits.detach(), safe_labels, fast_temperature
         )
-        hard_pos = -log_probs.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    else:
+        log_q = soften(student_logits, temperature, standardize=standardize)
+        log_p = soften(teacher_logits.detach(), temperature, standardize=standardize)
+        if dkd_weights is not None:
+            soft_pos = decoupled_kd(log_q, log_p, safe_labels, *dkd_weights)
+        else:
+            soft_pos = per_position_divergence(log_q, log_p, divergence, beta=beta, lam=lam)
+        if labels is None:
+            hard_pos = torch.zeros_like(soft_pos)
+        else:
+            # The hard term always sees the unscaled logits (T = 1, no standardisation).
+            plain_unit = not standardize and _is_unit(temperature)
+            log_probs = log_q if plain_unit else soften(student_logits, 1.0)
+            hard_pos = -log_probs.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
 
-    if isinstance(scale, torch.Tensor):
-        scale = scale.expand_as(soft_pos) if scale.dim() else scale
     soft = reduce_positions(soft_pos, valid, reduction, normalizer)
     hard = reduce_positions(hard_pos, valid, reduction, normalizer)
     if isinstance(scale, torch.Tensor) and scale.dim():
-        scaled_soft = reduce_positions(soft_pos * scale, valid, reduction, normalizer)
+        # A per-position temperature scales each position by its own T^2, before the reduction.
+        scaled_soft = reduce_positions(soft_pos * scale.expand_as(soft_pos), valid, reduction, normalizer)
     else:
         scaled_soft = scale * soft
     total = (1.0 - alpha) * hard + alpha * scaled_soft
     return KDLoss(total, soft, hard)
 
 
-def _is_plain_unit_temperature(temperature: float | torch.Tensor, standardize: bool) -> bool:
-    return not standardize and not isinstance(temperature, torch.Tensor) and temperature == 1.0
+def _is_unit(temperature: float | torch.Tensor) -> bool:
+    return not isinstance(temperature, torch.Tensor) and temperature == 1.0
+
+
+def _fast_path(divergence: str, standardize: bool, dkd_weights, temperature) -> bool:
+    """Whether :class:`ForwardKLAndCE` computes this objective (it has no gradient for T)."""
+    learned_t = isinstance(temperature, torch.Tensor) and temperature.requires_grad
+    return divergence == "forward_kl" and not standardize and dkd_weights is None and not learned_t
+
+
+def _check_dkd_weights(dkd_weights) -> None:
+    if (
+        not isinstance(dkd_weights, tuple | list)
+        or len(dkd_weights) != 2
+        or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in dkd_weights)
+    ):
+        raise TypeError(
+            f"dkd_weights must be a pair of floats (tckd_weight, nckd_weight), e.g. (1.0, 8.0), "
+            f"got {dkd_weights!r}"
+        )
 
 
 class DistillationLoss(torch.nn.Module):

@@ -14,7 +14,9 @@ from .divergences import NEG_LARGE, kl
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score each logit vector over its finite entries (Sun et al., CVPR 2024).
 
-    ``(..., C) -> (..., C)``: ``(z - mean(z)) / std(z)``; -inf entries stay -inf. Teacher and
+    ``(..., C) -> (..., C)``: ``(z - mean(z)) / (std(z) + eps)``, with the population standard
+    deviation (1/C, as in the paper's formula; its code uses 1/(C-1), a factor sqrt(C/(C-1)) in
+    T). -inf entries stay -inf and do not count in the mean or std. Teacher and
     student logits then differ only in shape, not scale, so the student is not asked to match
     the teacher's logit range, only its relative structure.
     """
@@ -23,7 +25,9 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     zeroed = torch.where(finite, logits, 0.0)
     mean = zeroed.sum(-1, keepdim=True) / count
     centred = torch.where(finite, logits - mean, 0.0)
-    std = (centred.square().sum(-1, keepdim=True) / count).sqrt()
+    variance = centred.square().sum(-1, keepdim=True) / count
+    # clamp: a constant row has variance 0, where sqrt's gradient is inf and 0 · inf = NaN.
+    std = variance.clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
     return torch.where(finite, centred / (std + eps), logits)
 
 
@@ -33,23 +37,49 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the loss math runs in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _NeutraliseNegInf(torch.autograd.Function):
+    """``clamp_min_(NEG_LARGE)`` in place on a buffer the caller owns, gradient passed through.
+
+    An in-place ``clamp_min_`` makes autograd keep a full copy of its input; a clamped entry has
+    probability exactly 0, so the gradient that reaches it is 0 anyway and passing it through
+    changes nothing but the memory.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(logits)
+        return logits.clamp_min_(NEG_LARGE)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
 def soften(
     logits: torch.Tensor, temperature: float | torch.Tensor, *, standardize: bool = False
 ) -> torch.Tensor:
-    """log softmax(z / T) in float32 (float64 stays float64). ``(..., C) -> (..., C)``.
+    """log softmax(z / T) in float32 (float64 for float64 input). ``(..., C) -> (..., C)``.
 
     ``temperature`` is a float or a tensor broadcastable to the leading shape ``(...)``
     (a per-sample temperature). Logits below -1e20, -inf included, become exactly zero
     probability with finite log-probability, so no NaN appears downstream.
+
+    >>> soften(torch.tensor([0.0, float("-inf")]), 2.0)
+    tensor([ 0.0000e+00, -5.0000e+19])
     """
-    z = upcast(logits)
-    if standardize:
-        z = standardize_logits(z)
-    # clamp_min also keeps NaN as NaN: bad input stays visible instead of becoming a number.
-    z = z.clamp_min(NEG_LARGE)
+    dtype = compute_dtype(logits.dtype)
+    # A fresh buffer of our own (converted once), so that the clamp can work in place.
+    z = standardize_logits(logits.to(dtype)) if standardize else logits.to(dtype, copy=True)
+    # The clamp comes before the division so that z / T stays finite (and d/dT is 0, not
+    # 0 · inf = NaN, for a learned temperature). clamp_min keeps NaN: bad input stays visible.
+    z = _NeutraliseNegInf.apply(z)
     if isinstance(temperature, torch.Tensor):
-        temperature = temperature.to(z.dtype).unsqueeze(-1)
-        z = z / temperature
+        z = z / temperature.to(dtype).unsqueeze(-1)
     elif temperature != 1.0:
         z = z / temperature
     return torch.log_softmax(z, dim=-1)

@@ -1,0 +1,185 @@
+"""Forward KL at temperature T and cross-entropy at T = 1, per position, in one autograd.Function.
+
+This is the default objective (``divergence="forward_kl"``, no standardisation, no DKD, a
+temperature without gradient), and the one that runs at vocabulary scale, so it is worth doing
+with as few full ``(..., C)`` passes and buffers as possible. Written from the logits ``s, t``
+and ``s' = s / T``, ``t' = t / T`` (after clamping -inf to ``NEG_LARGE``, as ``soften`` does):
+
+    KL(p ‖ q) = Σ_c p_c (t'_c − s'_c) + lse(s') − lse(t')          (because Σ_c p_c = 1)
+    CE(s, y)  = lse(s) − s_y
+    ∂KL/∂s    = (q − p) / T,        ∂CE/∂s = softmax(s) − onehot(y)
+
+Autograd on the plain formula keeps three full-size tensors for backward (two log-softmaxes and
+exp(log p)); this keeps only the per-row log-sum-exps and recomputes p, q and softmax(s) from
+the logits, which the caller holds anyway. The math runs in float32 (float64 for float64 input).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .divergences import NEG_LARGE
+from .transforms import compute_dtype
+
+
+def _scaled(
+    logits: torch.Tensor, temperature: float | torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """A fresh ``(..., C)`` buffer with ``max(logits, NEG_LARGE) / T`` in ``dtype``."""
+    if logits.dtype == dtype:
+        out = torch.clamp_min(logits, NEG_LARGE)  # one pass, and the copy we need anyway
+    else:
+        out = logits.to(dtype).clamp_min_(NEG_LARGE)
+    if isinstance(temperature, torch.Tensor) or temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def _rows_per_chunk(logits: torch.Tensor) -> int:
+    """Rows per block: the work runs block by block so that its temporaries stay small (and,
+    on CPU, in cache and off the page-fault path of fresh allocations)."""
+    target = _CHUNK_ELEMENTS_CUDA if logits.is_cuda else _CHUNK_ELEMENTS_CPU
+    return max(1, target // max(logits.shape[-1], 1))
+
+
+_CHUNK_ELEMENTS_CPU = 1 << 20
+_CHUNK_ELEMENTS_CUDA = 1 << 25
+
+
+def _exp_in_place(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn the finite ``(n, C)`` buffer ``x`` into ``exp(x − max x)`` in place; return
+    ``(logsumexp(x), Σ exp(x − max x))``, both ``(n, 1)``."""
+    top = scaled.amax(dim=-1, keepdim=True)
+    total = scaled.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    return top + total.log(), total
+
+
+def _forward_block(student, teacher, labels, temperature, dtype):
+    """KL, CE and the three log-sum-exps of a block of rows ``(n, C)``."""
+    unit_temperature = not isinstance(temperature, torch.Tensor) and temperature == 1.0
+    scaled_teacher = _scaled(teacher, temperature, dtype)  # t'
+    scaled_student = _scaled(student, temperature, dtype)  # s'
+    difference = scaled_student - scaled_teacher  # finite: both were clamped
+    lse_teacher, teacher_sum = _exp_in_place(scaled_teacher)  # now exp(t' − max t')
+    lse_student, _ = _exp_in_place(scaled_student)
+    # Σ p (s' − t') with p = exp(t' − max) / Σ exp(t' − max): one exp pass per side in all.
+    weighted = difference.mul_(scaled_teacher).sum(-1, keepdim=True) / teacher_sum
+    kl = (lse_student - lse_teacher - weighted).squeeze(-1)
+    if labels is None:
+        return kl, torch.zeros_like(kl), lse_student, lse_teacher, None
+    if unit_temperature:
+        lse_unit = lse_student
+    else:
+        # logsumexp handles -inf entries; a row of only -inf gives -inf, clamped as in soften.
+        lse_unit = torch.logsumexp(student.to(dtype), dim=-1, keepdim=True).clamp_min(NEG_LARGE)
+    picked = student.gather(-1, labels.unsqueeze(-1)).to(dtype).clamp_min(NEG_LARGE)
+    return kl, (lse_unit - picked).squeeze(-1), lse_student, lse_teacher, lse_unit
+
+
+def _backward_block(
+    student,
+    teacher,
+    labels,
+    temperature,
+    lse_student,
+    lse_teacher,
+    lse_unit,
+    grad_kl,
+    grad_ce,
+    dtype,
+):
+    """∂L/∂s of a block of rows: (q − p)/T · ∂L/∂kl + (softmax(s) − onehot(y)) · ∂L/∂ce."""
+    grad = _scaled(student, temperature, dtype).sub_(lse_student).exp_()  # q
+    buffer = _scaled(teacher, temperature, dtype).sub_(lse_teacher).exp_()  # p
+    grad.sub_(buffer).mul_(grad_kl.unsqueeze(-1).to(dtype) / temperature)
+    if labels is not None:
+        index = labels.unsqueeze(-1)
+        torch.sub(student, lse_unit, out=buffer).exp_()  # softmax(s), 0 at -inf
+        buffer.scatter_add_(
+            -1, index, torch.full(index.shape, -1.0, dtype=dtype, device=buffer.device)
+        )
+        grad.add_(buffer.mul_(grad_ce.unsqueeze(-1).to(dtype)))
+    return grad
+
+
+class ForwardKLAndCE(torch.autograd.Function):
+    """``(student_logits, teacher_logits, labels, temperature) -> (kl, ce)``, both ``(...)``.
+
+    ``temperature`` is a float or a tensor broadcastable to ``(..., 1)`` without gradient;
+    ``labels`` ``(...)`` holds in-range class indices (ignored positions replaced by any valid
+    index and masked by the caller), or is None (then ``ce`` is zeros). No gradient flows to
+    the teacher. Rows are processed in blocks; nothing of size ``(..., C)`` is kept for backward
+    beyond the logits themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, labels, temperature):
+        leading, num_classes = student_logits.shape[:-1], student_logits.shape[-1]
+        dtype = compute_dtype(student_logits.dtype)
+        student = student_logits.reshape(-1, num_classes)  # (N, C)
+        teacher = teacher_logits.reshape(-1, num_classes)
+        labels = None if labels is None else labels.reshape(-1)  # (N,)
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.expand(*leading, 1).reshape(-1, 1)  # (N, 1)
+        rows = _rows_per_chunk(student)
+        parts = []
+        for start in range(0, student.shape[0], rows):
+            block = slice(start, start + rows)
+            parts.append(
+                _forward_block(
+                    student[block],
+                    teacher[block],
+                    None if labels is None else labels[block],
+                    temperature[block] if isinstance(temperature, torch.Tensor) else temperature,
+                    dtype,
+                )
+            )
+        if parts:
+            kl, ce, lse_student, lse_teacher, lse_unit = (
+                None if part[0] is None else torch.cat(part) for part in zip(*parts)
+            )
+        else:  # no rows at all
+            kl = ce = student.new_zeros(0, dtype=dtype)
+            lse_student = lse_teacher = lse_unit = student.new_zeros(0, 1, dtype=dtype)
+        ctx.temperature = None if isinstance(temperature, torch.Tensor) else temperature
+        ctx.leading = leading
+        ctx.save_for_backward(
+            student,
+            teacher,
+            labels,
+            lse_student,
+            lse_teacher,
+            lse_unit,
+            temperature if isinstance(temperature, torch.Tensor) else None,
+        )
+        return kl.reshape(leading), ce.reshape(leading)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl, grad_ce):
+        student, teacher, labels, lse_student, lse_teacher, lse_unit, temperature = (
+            ctx.saved_tensors
+        )
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        if temperature is None:
+            temperature = ctx.temperature
+        dtype = compute_dtype(student.dtype)
+        grad_kl, grad_ce = grad_kl.reshape(-1), grad_ce.reshape(-1)
+        grad = torch.empty_like(student)  # (N, C), in the logits' dtype
+        rows = _rows_per_chunk(student)
+        for start in range(0, student.shape[0], rows):
+            block = slice(start, start + rows)
+            grad[block] = _backward_block(
+                student[block],
+                teacher[block],
+                None if labels is None else labels[block],
+                temperature[block] if isinstance(temperature, torch.Tensor) else temperature,
+                lse_student[block],
+                lse_teacher[block],
+                None if lse_unit is None else lse_unit[block],
+                grad_kl[block],
+                grad_ce[block],
+                dtype,
+            )
+        return grad.reshape(*ctx.leading, student.shape[-1]), None, None, None
