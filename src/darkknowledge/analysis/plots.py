@@ -5,7 +5,6 @@ backend switch) and are written atomically."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .signal_gap import GradientNormSweep
@@ -57,13 +56,13 @@ def plot_gradient_norm_sweep(
 
 
 def _save_atomically(figure, path: Path, image_format: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write to a temporary file in the same folder, then rename: a reader never sees half a
+    file. (A plain open, not mkstemp, so the file gets the usual umask permissions.)"""
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with os.fdopen(handle, "wb") as file:
-            figure.savefig(file, format=image_format)
+        figure.savefig(temporary, format=image_format)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path

@@ -8,8 +8,9 @@ the logits, ``softmax(z / T) ≈ (1 + z / T) / N``, so
 
 The unscaled soft loss therefore pushes the student ~T^2 times more weakly than at T = 1, and a
 mix ``(1 - alpha)·hard + alpha·soft`` lets the hard term drown it. Multiplying the soft loss by
-T^2 restores the gradient's size. This module measures both, with autograd through
-:func:`darkknowledge.divergence` (the library's own loss, not a re-implementation).
+T^2 restores the gradient's size. This module measures both, with autograd through the
+library's own losses (:func:`darkknowledge.divergence` unscaled, the soft term of
+:func:`darkknowledge.kd_loss` scaled), not a re-implementation.
 
 The gradient norm is the Frobenius norm of ∂L/∂z_s for the batch-mean loss L over a
 ``(batch_size, classes)`` matrix of student logits.
@@ -26,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..losses import divergence
+from ..losses import divergence, kd_loss
 
 __all__ = ["GradientNormSweep", "SignalGap", "gradient_norm_sweep", "signal_gap"]
 
@@ -37,8 +38,8 @@ class SignalGap(NamedTuple):
     """The soft loss and the size of its gradient at one temperature.
 
     ``soft_loss`` is KL(p ‖ q), batch-mean, before any T^2; ``grad_norm`` is ||∂soft_loss/∂z_s||.
-    ``scaled_*`` are the same for ``T^2 · soft_loss``; ``ratio = scaled_grad_norm / grad_norm``
-    (T^2, up to float32 rounding).
+    ``scaled_*`` are the same for ``T^2 · soft_loss`` (the soft term of ``kd_loss``, alpha = 1);
+    ``ratio = scaled_grad_norm / grad_norm`` (T^2, up to rounding).
     """
 
     temperature: float
@@ -109,12 +110,20 @@ def draw_logits(
     return student, teacher
 
 
-def _soft_loss_and_grad(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, scale: float
+def _loss_and_grad_norm(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, *, scaled: bool
 ) -> tuple[float, float]:
-    """``scale · KL(p ‖ q)`` (batch mean, through dk.divergence) and the norm of its gradient."""
+    """The soft loss and the norm of its gradient w.r.t. the student logits.
+
+    Unscaled: KL(p ‖ q) from :func:`divergence`. Scaled: what training optimises, the soft term
+    of :func:`kd_loss` with its default T^2 factor (alpha = 1, no labels), so the measured ratio
+    checks the library's scaling rather than restating it.
+    """
     student = student.detach().requires_grad_(True)
-    loss = scale * divergence(student, teacher, kind="forward_kl", temperature=temperature)
+    if scaled:
+        loss = kd_loss(student, teacher, temperature=temperature, alpha=1.0, soft_scale="T2").total
+    else:
+        loss = divergence(student, teacher, kind="forward_kl", temperature=temperature)
     (grad,) = torch.autograd.grad(loss, student)
     return float(loss.detach()), float(grad.double().norm())
 
@@ -142,9 +151,9 @@ def signal_gap(
     )
     gaps = []
     for temperature in temperatures:
-        soft_loss, grad_norm = _soft_loss_and_grad(student, teacher, temperature, 1.0)
-        scaled_loss, scaled_grad_norm = _soft_loss_and_grad(
-            student, teacher, temperature, temperature**2
+        soft_loss, grad_norm = _loss_and_grad_norm(student, teacher, temperature, scaled=False)
+        scaled_loss, scaled_grad_norm = _loss_and_grad_norm(
+            student, teacher, temperature, scaled=True
         )
         ratio = scaled_grad_norm / grad_norm if grad_norm > 0 else math.nan
         gaps.append(
@@ -183,8 +192,8 @@ def gradient_norm_sweep(
     difference_norm = float((student - teacher).norm())
     unscaled, scaled, approximation = [], [], []
     for temperature in temperatures:
-        unscaled.append(_soft_loss_and_grad(student, teacher, temperature, 1.0)[1])
-        scaled.append(_soft_loss_and_grad(student, teacher, temperature, temperature**2)[1])
+        unscaled.append(_loss_and_grad_norm(student, teacher, temperature, scaled=False)[1])
+        scaled.append(_loss_and_grad_norm(student, teacher, temperature, scaled=True)[1])
         approximation.append(difference_norm / (batch_size * classes * temperature**2))
     return GradientNormSweep(temperatures, tuple(unscaled), tuple(scaled), tuple(approximation))
 
