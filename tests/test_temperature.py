@@ -179,6 +179,29 @@ def test_per_sample_plugs_into_kd_loss_and_gets_reversed_gradients():
     assert grad is None
 
 
+def test_per_sample_gradient_is_reversed_and_scaled_by_lambda():
+    torch.manual_seed(0)
+    module = dk.LearnableTemperature(
+        initial=3.0, per_sample=True, num_classes=5, hidden=4, lambda_max=0.7, curriculum_steps=10
+    )
+    with torch.no_grad():
+        module.mlp[-1].weight.normal_()  # away from the zero init, so every layer gets a gradient
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    parameters = list(module.parameters())
+
+    loss = dk.kd_loss(student, teacher, temperature=module(student, teacher, step=4), alpha=1.0)
+    reversed_grads = torch.autograd.grad(loss.total, parameters)
+    theta = module._predict_theta(student, teacher)  # the same tau, without the reversal
+    plain = dk.kd_loss(student, teacher, temperature=_plain_temperature(module, theta), alpha=1.0)
+    plain_grads = torch.autograd.grad(plain.total, parameters)
+
+    strength = module.current_lambda(4)
+    assert 0 < strength < 0.7
+    for reversed_grad, plain_grad in zip(reversed_grads, plain_grads):
+        assert float(plain_grad.abs().sum()) > 0
+        torch.testing.assert_close(reversed_grad, -strength * plain_grad)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

@@ -62,6 +62,12 @@ def _check_positive(value: float, name: str) -> float:
     return float(value)
 
 
+def _check_count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    return value
+
+
 class LearnableTemperature(nn.Module):
     """A temperature the student's optimizer learns adversarially (CTKD).
 
@@ -115,27 +121,19 @@ class LearnableTemperature(nn.Module):
             raise TypeError(f"lambda_max must be a number >= 0, got {type(lambda_max).__name__}")
         if not (math.isfinite(lambda_max) and lambda_max >= 0):
             raise ValueError(f"lambda_max must be finite and >= 0, got lambda_max={lambda_max!r}")
-        if (
-            isinstance(curriculum_steps, bool)
-            or not isinstance(curriculum_steps, int)
-            or curriculum_steps < 1
-        ):
-            raise ValueError(
-                f"curriculum_steps must be an integer >= 1, got curriculum_steps={curriculum_steps!r}"
-            )
-        self.curriculum = cosine(0.0, float(lambda_max), curriculum_steps)
+        self.curriculum = cosine(
+            0.0, float(lambda_max), _check_count(curriculum_steps, "curriculum_steps")
+        )
         self.per_sample = bool(per_sample)
         self.num_classes = num_classes
 
         fraction = (initial - self.minimum) / self.t_range
         theta0 = math.log(fraction) - math.log1p(-fraction)  # logit: sigmoid(theta0) = fraction
         if self.per_sample:
-            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-                raise ValueError(
-                    f"per_sample=True needs num_classes, an integer >= 1, got num_classes={num_classes!r}"
-                )
-            if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-                raise ValueError(f"hidden must be an integer >= 1, got hidden={hidden!r}")
+            if num_classes is None:
+                raise ValueError("per_sample=True needs num_classes, the logits' last dimension")
+            _check_count(num_classes, "num_classes")
+            _check_count(hidden, "hidden")
             self.mlp = nn.Sequential(
                 nn.Linear(2 * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1)
             )
@@ -185,7 +183,8 @@ class LearnableTemperature(nn.Module):
             [teacher_logits.detach(), student_logits.detach()], dim=-1
         )  # (..., 2C)
         features = features.to(weight.dtype).clamp_min(-1e4)  # masked -inf logits stay finite
-        return self.mlp(features).squeeze(-1)  # (...)
+        # float(): under autocast the MLP answers in bf16; the temperature itself stays float32.
+        return self.mlp(features).squeeze(-1).float()  # (...)
 
     def extra_repr(self) -> str:
         kind = f"per_sample, num_classes={self.num_classes}" if self.per_sample else "global"
