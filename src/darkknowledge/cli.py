@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        # add_help=False: "-h" must reach the full parser built in main(), not this empty one.
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
         sub.set_defaults(_module=module_name)
         # Arguments are added lazily in main(), once we know which command runs.
     return parser
