@@ -143,7 +143,13 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
     except Exception as error:  # safetensors raises its own error type for a bad file
         raise ValueError(f"checkpoint {path!r} is not a safetensors file ({error})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches: keep the first line, it names the tensor
+        detail = str(error).strip().splitlines()
+        raise ValueError(
+            f"checkpoint {path!r} does not fit the model: {detail[-1].strip() if detail else error}"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {path!r} does not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"

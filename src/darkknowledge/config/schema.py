@@ -180,7 +180,9 @@ class TrainConfig:
     max_steps: int = field_(1000, integer(at_least=1), "optimizer steps")
     optimizer: str = field_("adamw", choice(*OPTIMIZERS), f"one of {', '.join(OPTIMIZERS)}")
     learning_rate: float | Mapping[str, Any] = field_(
-        1e-3, schedule_or_number(above=0), "a float or a schedule mapping"
+        1e-3,
+        schedule_or_number(at_least=0),
+        "a float >= 0 or a schedule mapping (0 at a warm-up's start is fine)",
     )
     weight_decay: float = field_(0.0, number(at_least=0), "decoupled weight decay")
     grad_accum_steps: int = field_(1, integer(at_least=1), "micro-batches per optimizer step")

@@ -1,0 +1,143 @@
+"""Config -> objects: data loaders, models, temperature, and the Distiller's keyword arguments.
+
+Only wiring lives here; every number comes from the validated config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .. import schedules
+from ..config import Config, DataConfig, DistillConfig, ModelConfig, thaw
+from ..models import build_model, import_callable, load_weights
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    train: Dataset
+    eval: Dataset
+    in_features: int
+    num_classes: int
+
+
+def build_data(spec: DataConfig) -> DataBundle:
+    """The train and eval datasets named by ``data.name``."""
+    if spec.name == "digits":
+        from ..data import split_digits
+
+        train_x, train_y, test_x, test_y = split_digits(spec.test_fraction, spec.split_seed)
+        return DataBundle(TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), 64, 10)
+    if ":" not in spec.name:
+        raise ValueError(
+            f"data.name: unknown data set {spec.name!r}; built-in: digits, or 'package.module:callable'"
+        )
+    result = import_callable(spec.name, "data.name")(**thaw(spec.args))
+    if not (isinstance(result, tuple | list) and len(result) == 2):
+        raise TypeError(
+            f"data.name {spec.name!r} must return (train_dataset, eval_dataset), got {type(result).__name__}"
+        )
+    train, evaluation = result
+    inputs, _ = train[0]
+    labels = torch.as_tensor([int(train[i][1]) for i in range(len(train))])
+    return DataBundle(
+        train, evaluation, int(torch.as_tensor(inputs).numel()), int(labels.max()) + 1
+    )
+
+
+def loaders(bundle: DataBundle, spec: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
+    """A shuffling train loader (seeded) and an eval loader."""
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(
+        bundle.train, batch_size=spec.batch_size, shuffle=True, generator=generator, drop_last=False
+    )
+    evaluation = DataLoader(bundle.eval, batch_size=spec.eval_batch_size)
+    return train, evaluation
+
+
+def model_from_spec(spec: ModelConfig, bundle: DataBundle) -> nn.Module:
+    model = build_model(
+        spec.name,
+        in_features=bundle.in_features,
+        num_classes=bundle.num_classes,
+        hidden=spec.hidden,
+        dropout=spec.dropout,
+        args=thaw(spec.args),
+    )
+    if spec.checkpoint is not None:
+        load_weights(model, spec.checkpoint)
+    return model
+
+
+def value_or_schedule(value: Any) -> Any:
+    """A float stays a float; a schedule mapping becomes a schedule."""
+    return (
+        schedules.from_config(thaw(value)) if not isinstance(value, int | float) else float(value)
+    )
+
+
+def temperature_from(spec: DistillConfig, num_classes: int) -> Any:
+    """A float, a schedule, or a :class:`darkknowledge.LearnableTemperature`."""
+    learn = spec.learnable_temperature
+    if learn is None:
+        return value_or_schedule(spec.temperature)
+    from ..temperature import LearnableTemperature
+
+    return LearnableTemperature(
+        learn.initial,
+        minimum=learn.minimum,
+        t_range=learn.t_range,
+        lambda_max=learn.lambda_max,
+        curriculum_steps=learn.curriculum_steps,
+        per_sample=learn.per_sample,
+        num_classes=num_classes if learn.per_sample else None,
+        hidden=learn.hidden,
+    )
+
+
+def loss_options(spec: DistillConfig) -> dict[str, Any]:
+    """The ``kd_loss`` options other than temperature and alpha."""
+    return {
+        "divergence": spec.divergence,
+        "soft_scale": spec.soft_scale,
+        "beta": spec.beta,
+        "lam": spec.lam,
+        "standardize": spec.standardize,
+        "dkd_weights": tuple(spec.dkd_weights) if spec.dkd_weights is not None else None,
+    }
+
+
+def distiller_kwargs(
+    config: Config, *, num_classes: int, distill: bool, output_dir: str | None
+) -> dict[str, Any]:
+    """Keyword arguments of :class:`darkknowledge.Distiller` (besides models and data)."""
+    train = config.train
+    kwargs: dict[str, Any] = {
+        "optimizer": train.optimizer,
+        "learning_rate": value_or_schedule(train.learning_rate),
+        "weight_decay": train.weight_decay,
+        "max_steps": train.max_steps,
+        "grad_accum_steps": train.grad_accum_steps,
+        "max_grad_norm": train.max_grad_norm,
+        "mixed_precision": train.mixed_precision,
+        "eval_every": train.eval_every,
+        "save_every": train.save_every,
+        "output_dir": output_dir,
+        "log_every": train.log_every,
+        "seed": train.seed,
+        "progress": train.progress,
+    }
+    if distill:
+        kwargs["temperature"] = temperature_from(config.distill, num_classes)
+        kwargs["alpha"] = value_or_schedule(config.distill.alpha)
+        kwargs["loss_options"] = loss_options(config.distill)
+    return kwargs
+
+
+def subdir(output_dir: str | None, name: str) -> str | None:
+    return None if output_dir is None else os.path.join(output_dir, name)

@@ -1,0 +1,19 @@
+"""``dk train CONFIG [key=value ...]``: the baseline, the same student trained from labels alone.
+
+The config's ``teacher`` and ``distill`` sections are not used; with ``stages``, the last stage
+(the final student) is trained.
+"""
+
+from __future__ import annotations
+
+from ..config import load_config
+from ._run import add_config_arguments, run_config
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    run_config(load_config(args.config, args.overrides), distill=False)
+    return 0

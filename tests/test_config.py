@@ -1,0 +1,178 @@
+"""Config loading and validation: field paths, suggestions, overrides, shipped presets."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from darkknowledge.config import (
+    ConfigError,
+    apply_overrides,
+    check_config,
+    config_from_dict,
+    load_config,
+    reference,
+)
+from darkknowledge.schedules import Cosine
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_config_presets_exist_and_validate():
+    assert len(PRESETS) >= 4
+    for path in PRESETS:
+        config = load_config(path)
+        assert config.teacher is not None and config.students, path.name
+
+
+@pytest.mark.parametrize(
+    "raw, path, hint",
+    [
+        ({"distill": {"temprature": 2.0}}, "distill.temprature", "did you mean 'temperature'"),
+        ({"train": {"max_step": 5}}, "train.max_step", "did you mean 'max_steps'"),
+        ({"studnet": {"hidden": [4]}}, "studnet", "did you mean 'student'"),
+        ({"stages": [{"hiden": [4]}]}, "stages.0.hiden", "did you mean 'hidden'"),
+        (
+            {"distill": {"divergence": "forwad_kl"}},
+            "distill.divergence",
+            "did you mean 'forward_kl'",
+        ),
+    ],
+)
+def test_config_unknown_key_names_path_and_suggests(raw, path, hint):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    message = str(info.value)
+    assert message.startswith(f"{path}:") and hint in message
+
+
+@pytest.mark.parametrize(
+    "raw, path",
+    [
+        ({"distill": {"alpha": 1.5}}, "distill.alpha"),
+        ({"distill": {"temperature": 0}}, "distill.temperature"),
+        ({"distill": {"temperature": "hot"}}, "distill.temperature"),
+        ({"train": {"max_steps": 0}}, "train.max_steps"),
+        ({"train": {"max_steps": 2.5}}, "train.max_steps"),
+        ({"train": {"progress": "yes"}}, "train.progress"),
+        ({"distill": {"soft_scale": "T3"}}, "distill.soft_scale"),
+        ({"distill": {"dkd_weights": [1.0]}}, "distill.dkd_weights"),
+        ({"student": {"hidden": [0]}}, "student.hidden.0"),
+        (
+            {"distill": {"temperature": {"kind": "cosine", "start": 8, "end": -1, "steps": 10}}},
+            "distill.temperature",
+        ),
+        (
+            {"distill": {"temperature": {"kind": "cosin", "start": 8, "end": 2, "steps": 10}}},
+            "distill.temperature",
+        ),
+        ({"data": []}, "data"),
+    ],
+)
+def test_config_bad_value_names_field(raw, path):
+    _, errors = check_config(raw)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}")
+
+
+def test_config_collects_every_problem():
+    raw = {
+        "distill": {"alpha": 2, "temprature": 1},
+        "train": {"max_steps": -1},
+        "stages": [{"name": ""}],
+    }
+    _, errors = check_config(raw)
+    paths = sorted(error.split(":")[0] for error in errors)
+    assert paths == ["distill.alpha", "distill.temprature", "stages.0.name", "train.max_steps"]
+
+
+def test_config_schedules_and_learnable_temperature():
+    raw = {
+        "student": {"hidden": [8]},
+        "distill": {
+            "alpha": {"kind": "linear", "start": 0.5, "end": 0.9, "steps": 100},
+            "learnable_temperature": {"initial": 3.0, "per_sample": True},
+        },
+        "train": {"learning_rate": "1e-3"},  # YAML 1.1 reads 1e-3 as a string; accepted as a number
+    }
+    config = config_from_dict(raw)
+    assert config.distill.alpha["kind"] == "linear" and config.train.learning_rate == 1e-3
+    assert config.distill.learnable_temperature.per_sample is True
+    from darkknowledge.commands._build import temperature_from, value_or_schedule
+
+    assert value_or_schedule({"kind": "cosine", "start": 8.0, "end": 2.0, "steps": 10}) == Cosine(
+        8.0, 2.0, 10
+    )
+    temperature = temperature_from(config.distill, num_classes=10)
+    assert (
+        temperature.per_sample
+        and abs(float(temperature.mlp[-1].bias.detach().sigmoid()) * 19 + 1 - 3.0) < 1e-5
+    )
+    both = {"distill": {"temperature": 2.0, "learnable_temperature": {}}}
+    assert check_config(both)[1][0].startswith("distill.temperature:")
+
+
+def test_config_is_frozen_and_input_untouched():
+    raw = {
+        "student": {"hidden": [8], "args": {"k": [1]}},
+        "distill": {"temperature": {"kind": "constant", "value": 2.0}},
+    }
+    before = copy.deepcopy(raw)
+    config = config_from_dict(raw)
+    assert raw == before
+    with pytest.raises(AttributeError):
+        config.distill.alpha = 0.1
+    with pytest.raises(TypeError):
+        config.student.args["k"] = 2  # read-only mapping
+    raw["student"]["hidden"].append(3)  # the config holds its own copy
+    assert config.student.hidden == (8,)
+
+
+def test_config_overrides_parse_yaml_and_copy():
+    raw = {"train": {"max_steps": 5}, "stages": [{"hidden": [4]}]}
+    result = apply_overrides(
+        raw,
+        [
+            "train.max_steps=100",
+            "distill.alpha=0.5",
+            "stages.0.hidden=[8, 2]",
+            "train.output_dir=null",
+        ],
+    )
+    assert result == {
+        "train": {"max_steps": 100, "output_dir": None},
+        "distill": {"alpha": 0.5},
+        "stages": [{"hidden": [8, 2]}],
+    }
+    assert raw == {"train": {"max_steps": 5}, "stages": [{"hidden": [4]}]}
+    for bad in (["max_steps"], ["stages.3.hidden=1"], ["train.max_steps.x=1"]):
+        with pytest.raises(ConfigError):
+            apply_overrides(raw, bad)
+    with pytest.raises(ConfigError, match=r"^train\.max_steps: must be >= 1"):
+        config_from_dict(apply_overrides(raw, ["train.max_steps=0"]))
+
+
+def test_config_student_and_stages_exclusive():
+    _, errors = check_config({"student": {}, "stages": [{}]})
+    assert errors and errors[0].startswith("student:")
+    assert [
+        s.hidden for s in config_from_dict({"stages": [{"hidden": [8]}, {"hidden": [2]}]}).students
+    ] == [(8,), (2,)]
+
+
+def test_config_reference_documents_every_field_once():
+    rows = reference()
+    paths = [row[0] for row in rows]
+    assert len(paths) == len(set(paths))
+    assert {
+        "distill.temperature",
+        "train.max_steps",
+        "teacher.train_steps",
+        "distill.learnable_temperature.initial",
+    } <= set(paths)
+    assert all(row[2] for row in rows)
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    missing = [path for path in paths if f"`{path}`" not in docs]
+    assert not missing, f"docs/cli.md lacks {missing}"
