@@ -150,11 +150,11 @@ def _worker(args: argparse.Namespace) -> dict:
         inputs["hs"].grad = inputs["ws"].grad = None
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         value = step()
         if cuda:
             torch.cuda.synchronize()
-        return value, time.perf_counter() - start
+        return value, time.perf_counter() - start, time.process_time() - cpu_start
 
     if cuda:
         torch.cuda.synchronize()
@@ -164,9 +164,10 @@ def _worker(args: argparse.Namespace) -> dict:
         base = _rss_bytes()
     for _ in range(args.warmup):
         run_once()
-    value, seconds = run_once()
+    value, seconds, cpu_seconds = run_once()
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
-    return {"seconds": seconds, "extra_bytes": peak - base - grad_bytes, "loss": value}
+    extra = peak - base - grad_bytes
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "extra_bytes": extra, "loss": value}
 
 
 def _spawn(case: str, chunk_size: int, args: argparse.Namespace) -> dict:
@@ -197,6 +198,7 @@ def _table(results: dict, args: argparse.Namespace) -> str:
             continue
         summary[key] = {
             "seconds": statistics.median(r["seconds"] for r in good),
+            "cpu": statistics.median(r["cpu_seconds"] for r in good),
             "extra": statistics.median(r["extra_bytes"] for r in good),
             "loss": good[0]["loss"],
             "runs": len(good),
@@ -212,19 +214,21 @@ def _table(results: dict, args: argparse.Namespace) -> str:
     liger = next((k for k in summary if k[0] == "liger"), None)
     roofline = next((k for k in summary if k[0] == "roofline"), None)
     lines = [
-        "| case | chunk | time (s) | memory above inputs+grads (MB) | loss | time / naive | "
-        "time / liger | time / roofline | memory / naive |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | chunk | time (s) | CPU time (s) | memory above inputs+grads (MB) | loss | "
+        "time / naive | time / liger | time / roofline | CPU time / roofline | memory / naive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in summary.items():
         name, chunk = key
         if "error" in row:
-            lines.append(f"| {name} | {chunk} | failed: {row['error']} | | | | | | |")
+            lines.append(f"| {name} | {chunk} | failed: {row['error']} | | | | | | | | |")
             continue
         lines.append(
-            f"| {name} | {chunk} | {row['seconds']:.2f} | {row['extra'] / 2**20:.0f} | {row['loss']:.6g} | "
+            f"| {name} | {chunk} | {row['seconds']:.2f} | {row['cpu']:.1f} | {row['extra'] / 2**20:.0f} | "
+            f"{row['loss']:.6g} | "
             f"{ratio(key, naive, 'seconds')} | {ratio(key, liger, 'seconds')} | "
-            f"{ratio(key, roofline, 'seconds')} | {ratio(key, naive, 'extra')} |"
+            f"{ratio(key, roofline, 'seconds')} | {ratio(key, roofline, 'cpu')} | "
+            f"{ratio(key, naive, 'extra')} |"
         )
     return "\n".join(lines)
 

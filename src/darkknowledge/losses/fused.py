@@ -23,7 +23,7 @@ import torch
 from . import _checks
 from .kd import KDLoss, SoftScale, kd_loss, resolve_soft_scale
 from .reduction import Normalizer, valid_positions
-from .transforms import upcast
+from .transforms import compute_dtype, upcast
 
 # Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md):
 # a chunk this size keeps the matrix products efficient while one chunk's float32 logits
@@ -81,7 +81,7 @@ class _ChunkedKD:
         need_hidden, need_weight, need_bias, need_temperature = needs
         need_logits = need_hidden or need_weight or need_bias
         # float32 math (float64 stays float64), whatever the input dtype.
-        math_dtype = torch.promote_types(hidden.dtype, torch.float32)
+        math_dtype = compute_dtype(hidden.dtype)
         parts = torch.zeros(3, dtype=math_dtype, device=hidden.device)  # total, soft, hard
         # The weight gradient is a sum of one product per chunk: accumulate it in math_dtype.
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
