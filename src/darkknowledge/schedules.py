@@ -93,21 +93,30 @@ def _check_count(value: Any, name: str) -> int:
     return value
 
 
-def _check_boundaries(boundaries: Any, pieces: int, pieces_name: str) -> tuple[int, ...]:
-    """Strictly increasing integer boundaries >= 1, one fewer than the pieces they separate."""
-    if isinstance(boundaries, str | bytes) or not isinstance(boundaries, Sequence):
-        raise TypeError(
-            f"boundaries must be a sequence of integers, got {type(boundaries).__name__}"
-        )
-    checked = tuple(_check_count(b, f"boundaries[{i}]") for i, b in enumerate(boundaries))
-    if any(later <= earlier for earlier, later in itertools.pairwise(checked)):
-        raise ValueError(f"boundaries must be strictly increasing, got boundaries={list(checked)}")
-    if len(checked) != pieces - 1:
+def _check_items(items: Any, name: str, check: Callable[[Any, str], Any]) -> tuple:
+    """A list or tuple as a tuple, each entry checked (and converted) by ``check``."""
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise TypeError(f"{name} must be a list or tuple, got {type(items).__name__} {items!r}")
+    return tuple(check(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+
+def _check_pieces(schedule: Any, pieces_name: str, check: Callable[[Any, str], Any]) -> None:
+    """Check and freeze the pieces of ``step``/``join`` and their boundaries: strictly
+    increasing integers >= 1, one fewer than the pieces they separate."""
+    pieces = _check_items(getattr(schedule, pieces_name), pieces_name, check)
+    boundaries = _check_items(schedule.boundaries, "boundaries", _check_count)
+    if any(later <= earlier for earlier, later in itertools.pairwise(boundaries)):
         raise ValueError(
-            f"{pieces_name} needs exactly one more entry than boundaries, got {pieces} "
-            f"{pieces_name} and {len(checked)} boundaries"
+            f"boundaries must be strictly increasing, got boundaries={list(boundaries)}"
         )
-    return checked
+    if len(boundaries) != len(pieces) - 1:
+        raise ValueError(
+            f"{pieces_name} needs exactly one more entry than boundaries, got {len(pieces)} "
+            f"{pieces_name} and {len(boundaries)} boundaries"
+        )
+    # Frozen dataclasses: object.__setattr__ is the documented way to set fields in __post_init__.
+    object.__setattr__(schedule, pieces_name, pieces)
+    object.__setattr__(schedule, "boundaries", boundaries)
 
 
 def _progress(step: int, steps: int) -> float:
@@ -193,15 +202,7 @@ class Step:
     boundaries: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.values, str | bytes) or not isinstance(self.values, Sequence):
-            raise TypeError(
-                f"values must be a sequence of numbers, got {type(self.values).__name__}"
-            )
-        values = tuple(_check_real(v, f"values[{i}]") for i, v in enumerate(self.values))
-        object.__setattr__(self, "values", values)
-        object.__setattr__(
-            self, "boundaries", _check_boundaries(self.boundaries, len(values), "values")
-        )
+        _check_pieces(self, "values", _check_real)
 
     def __call__(self, step: int) -> float:
         return self.values[bisect.bisect_right(self.boundaries, _check_step(step))]
@@ -224,15 +225,7 @@ class Join:
     boundaries: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        if isinstance(self.schedules, str | bytes) or not isinstance(self.schedules, Sequence):
-            raise TypeError(
-                f"schedules must be a sequence of schedules, got {type(self.schedules).__name__}"
-            )
-        parts = tuple(as_schedule(s, f"schedules[{i}]") for i, s in enumerate(self.schedules))
-        object.__setattr__(self, "schedules", parts)
-        object.__setattr__(
-            self, "boundaries", _check_boundaries(self.boundaries, len(parts), "schedules")
-        )
+        _check_pieces(self, "schedules", as_schedule)
 
     def __call__(self, step: int) -> float:
         step = _check_step(step)
