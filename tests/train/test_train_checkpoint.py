@@ -47,16 +47,25 @@ def test_distiller_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     expected, got = state(whole.student), state(resumed.student)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
-    for group_whole, group_resumed in zip(whole.optimizer.state.values(), resumed.optimizer.state.values()):
+    for group_whole, group_resumed in zip(
+        whole.optimizer.state.values(), resumed.optimizer.state.values()
+    ):
         assert torch.equal(group_whole["exp_avg_sq"], group_resumed["exp_avg_sq"])
     # The log was rewound to the checkpoint, so each step appears once, as in the whole run.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 22))
     whole_log = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
     cut_log = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     for a, b in zip(whole_log, cut_log):
         a, b = json.loads(a), json.loads(b)
-        assert (a["total"], a["epoch"], a["temperature"]) == (b["total"], b["epoch"], b["temperature"])
+        assert (a["total"], a["epoch"], a["temperature"]) == (
+            b["total"],
+            b["epoch"],
+            b["temperature"],
+        )
 
 
 def test_checkpoint_layout_is_json_and_safetensors_only(tmp_path):
@@ -91,7 +100,9 @@ def test_checkpoint_tree_round_trip_keeps_optimizer_state():
         ckpt.encode_tree({"fn": print}, {})
 
 
-@pytest.mark.parametrize(("signum", "raised"), [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)])
+@pytest.mark.parametrize(
+    ("signum", "raised"), [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)]
+)
 def test_distiller_signal_saves_a_checkpoint_and_stops(tmp_path, signum, raised):
     previous = signal.getsignal(signum)
 
@@ -113,4 +124,6 @@ def test_distiller_resume_without_checkpoint_starts_afresh(tmp_path):
     result = _distiller(tmp_path, 2).fit(resume=True)
     assert [r["step"] for r in result.history] == [1, 2]
     with pytest.raises(ValueError, match="output_dir"):
-        dk.Distiller(mlp(0), None, loader(points(32), 8), max_steps=1, progress=False).fit(resume=True)
+        dk.Distiller(mlp(0), None, loader(points(32), 8), max_steps=1, progress=False).fit(
+            resume=True
+        )

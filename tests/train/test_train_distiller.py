@@ -35,7 +35,16 @@ def test_distiller_loss_falls_and_teacher_stays_frozen(tmp_path):
 
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == result.history
-    named = {"total", "soft", "hard", "temperature", "alpha", "lr", "soft_grad_norm", "hard_grad_norm"}
+    named = {
+        "total",
+        "soft",
+        "hard",
+        "temperature",
+        "alpha",
+        "lr",
+        "soft_grad_norm",
+        "hard_grad_norm",
+    }
     assert named <= set(train[0])
     assert train[0]["temperature"] == 4.0 and train[0]["alpha"] == 0.9
     assert train[0]["soft_grad_norm"] > 0 and train[0]["hard_grad_norm"] > 0
@@ -53,7 +62,13 @@ def test_distiller_signal_meter_matches_autograd():
     (hard_grad,) = torch.autograd.grad(0.3 * loss.hard, logits, retain_graph=True)
     (soft_grad,) = torch.autograd.grad(0.7 * 4.0 * loss.soft, logits)
     distiller = dk.Distiller(
-        student, teacher, [(inputs, labels)], temperature=2.0, alpha=0.7, max_steps=1, progress=False
+        student,
+        teacher,
+        [(inputs, labels)],
+        temperature=2.0,
+        alpha=0.7,
+        max_steps=1,
+        progress=False,
     )
     record = distiller.fit().history[0]
     assert record["hard_grad_norm"] == pytest.approx(float(hard_grad.norm()), rel=1e-5)
@@ -62,7 +77,9 @@ def test_distiller_signal_meter_matches_autograd():
 
 def test_distiller_without_teacher_trains_on_labels_alone():
     data = loader(points(), 64)
-    result = dk.Distiller(mlp(0), None, data, max_steps=12, learning_rate=1e-2, progress=False).fit()
+    result = dk.Distiller(
+        mlp(0), None, data, max_steps=12, learning_rate=1e-2, progress=False
+    ).fit()
     first, last = result.history[0], result.history[-1]
     assert first["alpha"] == 0.0 and first["soft"] == 0.0 and first["soft_grad_norm"] == 0.0
     assert first["total"] == pytest.approx(first["hard"])
@@ -103,11 +120,16 @@ def test_distiller_grad_accumulation_equals_one_big_batch():
 
     # The trap this guards against: averaging per-micro-batch means is a different gradient.
     student, teacher = mlp(0), teacher_mlp()
-    per_micro_mean = sum(
-        kd_loss(student(x), teacher(x).detach(), y, temperature=4.0, alpha=0.5).total
-        for x, y in small[:2]
-    ) / 2
-    global_mean = kd_loss(student(big[0][0]), teacher(big[0][0]).detach(), big[0][1], temperature=4.0, alpha=0.5).total
+    per_micro_mean = (
+        sum(
+            kd_loss(student(x), teacher(x).detach(), y, temperature=4.0, alpha=0.5).total
+            for x, y in small[:2]
+        )
+        / 2
+    )
+    global_mean = kd_loss(
+        student(big[0][0]), teacher(big[0][0]).detach(), big[0][1], temperature=4.0, alpha=0.5
+    ).total
     assert abs(float(per_micro_mean.detach() - global_mean.detach())) > 1e-3
 
 
@@ -131,18 +153,29 @@ def test_distiller_learnable_temperature_trains_with_the_student(tmp_path):
 
 def test_distiller_teacher_in_another_dtype():
     teacher = teacher_mlp()
-    result = dk.Distiller(mlp(0), teacher, loader(points(64), 32), teacher_dtype="bf16", max_steps=2, progress=False).fit()
+    result = dk.Distiller(
+        mlp(0), teacher, loader(points(64), 32), teacher_dtype="bf16", max_steps=2, progress=False
+    ).fit()
     assert next(teacher.parameters()).dtype == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(r["total"])) for r in result.history)
 
 
 def test_distiller_bf16_mixed_precision_runs():
-    result = dk.Distiller(mlp(0), teacher_mlp(), loader(points(64), 32), mixed_precision="bf16", max_steps=2, progress=False).fit()
+    result = dk.Distiller(
+        mlp(0),
+        teacher_mlp(),
+        loader(points(64), 32),
+        mixed_precision="bf16",
+        max_steps=2,
+        progress=False,
+    ).fit()
     assert torch.isfinite(torch.tensor(result.final["total"]))
 
 
 def test_distiller_evaluate_reports_means():
-    distiller = dk.Distiller(mlp(0), teacher_mlp(), loader(points(64), 32), max_steps=1, progress=False)
+    distiller = dk.Distiller(
+        mlp(0), teacher_mlp(), loader(points(64), 32), max_steps=1, progress=False
+    )
     data = points(50, ignore_every=5)  # 10 ignored labels: count is 40
     metrics = distiller.evaluate(loader(data, 16))
     inputs, labels = data[:]
@@ -158,7 +191,9 @@ def test_distiller_evaluate_reports_means():
 
 def test_distiller_export_student_writes_weights_and_config(tmp_path):
     student = mlp(0)
-    distiller = dk.Distiller(student, teacher_mlp(), loader(points(64), 32), max_steps=2, progress=False)
+    distiller = dk.Distiller(
+        student, teacher_mlp(), loader(points(64), 32), max_steps=2, progress=False
+    )
     distiller.fit()
     path = distiller.export_student(tmp_path / "student", config={"hidden": 32})
     from safetensors.torch import load_file
@@ -185,7 +220,12 @@ def test_distiller_export_student_writes_weights_and_config(tmp_path):
 )
 def test_distiller_rejects_bad_arguments(options, message):
     with pytest.raises(ValueError, match=message):
-        dk.Distiller(mlp(0), mlp(1), [(torch.randn(4, trainkit.DIM), torch.zeros(4, dtype=torch.long))], **{"max_steps": 3, **options})
+        dk.Distiller(
+            mlp(0),
+            mlp(1),
+            [(torch.randn(4, trainkit.DIM), torch.zeros(4, dtype=torch.long))],
+            **{"max_steps": 3, **options},
+        )
 
 
 def test_distiller_rejects_one_shot_iterators_and_shared_teacher():

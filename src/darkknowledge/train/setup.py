@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -100,8 +101,14 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision") not in (None, mixed_precision):
         AcceleratorState._reset_state()
+    # Several processes and no GPU: Accelerate only picks its CPU backend (gloo) when told so.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_only = not torch.cuda.is_available() and not (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )
     # The seedable sampler reshuffles with (seed + epoch), so a resumed run sees the same batches.
     return Accelerator(
+        cpu=cpu_only and world_size > 1,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=1,  # the Distiller accumulates itself, normalising by global counts
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

@@ -1,0 +1,51 @@
+"""Two CPU processes (torchrun, gloo) give the single-process result with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from trainkit import loader, mlp, points, teacher_mlp
+
+import darkknowledge as dk
+
+HERE = Path(__file__).parent
+
+
+def test_distiller_two_processes_match_one(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--standalone", str(HERE / "ddp_worker.py"), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # One process, batches of 32 = the two processes' batches of 16, labels with uneven counts.
+    student = mlp(0)
+    single = dk.Distiller(
+        student, teacher_mlp(), loader(points(128, ignore_every=3), 32, shuffle=True),
+        alpha=0.5, optimizer="sgd", learning_rate=0.1, max_steps=6, progress=False,
+    )  # fmt: skip
+    reference = single.fit()
+    two = load_file(str(tmp_path / "student" / "model.safetensors"))
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6)
+
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(train, reference.history):
+        for key in ("total", "soft", "hard", "soft_grad_norm", "hard_grad_norm"):
+            assert abs(ours[key] - theirs[key]) <= 1e-5 * abs(theirs[key]) + 1e-7, key
+    checkpoint = tmp_path / "checkpoints" / "step-00000006"
+    assert (checkpoint / "rng-rank0.json").exists() and (checkpoint / "rng-rank1.json").exists()
