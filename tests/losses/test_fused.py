@@ -144,6 +144,24 @@ def test_fused_linear_kd_loss_bfloat16_within_tolerance():
         assert error < 3e-2, name
 
 
+def test_fused_linear_kd_loss_under_autocast_runs_products_in_autocast_dtype():
+    inputs = make_inputs(dtype=torch.float32, vocab=300)
+    options = dict(temperature=2.0, alpha=0.8, chunk_size=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = fused(inputs, **options)
+    assert all(g.dtype == torch.float32 for g in grads.values())
+    cast = {
+        k: v.detach().to(torch.bfloat16).requires_grad_(v.requires_grad)
+        if v.is_floating_point()
+        else v
+        for k, v in inputs.items()
+    }
+    expected, expected_grads = fused(cast, **options)
+    torch.testing.assert_close(loss.total, expected.total)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name].float(), msg=name)
+
+
 def test_fused_linear_kd_loss_logit_scale_and_softcap():
     inputs = make_inputs()
     options = dict(temperature=2.0, alpha=0.6, divergence="reverse_kl")

@@ -240,6 +240,19 @@ def fused_linear_kd_loss(
     """
     _check_tensor(student_hidden, "student_hidden")
     _check_tensor(teacher_hidden, "teacher_hidden")
+    device_type = student_hidden.device.type
+    amp_dtype = _autocast_dtype(device_type)
+    if amp_dtype is not None:
+        # As nn.Linear under autocast: the products run in the autocast dtype (the loss math in
+        # float32 as always) and autograd casts the gradients back to the parameters' dtype.
+        student_hidden, student_weight, teacher_hidden, teacher_weight = (
+            t.to(amp_dtype) if isinstance(t, torch.Tensor) else t
+            for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)
+        )
+        student_bias, teacher_bias = (
+            t.to(amp_dtype) if isinstance(t, torch.Tensor) else t
+            for t in (student_bias, teacher_bias)
+        )
     _check_weight(student_weight, "student_weight", student_hidden, "student_hidden")
     _check_weight(teacher_weight, "teacher_weight", teacher_hidden, "teacher_hidden")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
@@ -310,13 +323,29 @@ def fused_linear_kd_loss(
     )
     t_tensor = temperature if isinstance(temperature, torch.Tensor) else None
     differentiable = [hidden, student_weight, student_bias, t_tensor]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        total, soft, hard = _FusedLinearKD.apply(
-            hidden, student_weight, student_bias, temperature, spec, student_weight.shape[0]
-        )
-    else:
-        total, soft, hard, _ = spec.run(hidden.detach(), temperature, (False,) * 4)
+    with torch.autocast(device_type, enabled=False):  # the dtypes are settled above
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in differentiable
+        ):
+            total, soft, hard = _FusedLinearKD.apply(
+                hidden, student_weight, student_bias, temperature, spec, student_weight.shape[0]
+            )
+        else:
+            total, soft, hard, _ = spec.run(hidden.detach(), temperature, (False,) * 4)
     return KDLoss(total, soft, hard)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force on ``device_type``, or None when autocast is off."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if enabled else None
+    except (TypeError, AttributeError):
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
 
 
 def _check_tensor(value: object, name: str) -> None:
