@@ -251,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-sizes", default=None, help="comma-separated; default: the library's"
     )
     parser.add_argument(
-        "--liger-chunk-size", type=int, default=None, help="default: the same as fused"
+        "--liger-chunk-size",
+        type=int,
+        default=None,
+        help="one Liger run at this chunk size; default: each of --chunk-sizes",
     )
     parser.add_argument("--liger-eager", action="store_true", help="Liger without torch.compile")
     parser.add_argument(
@@ -277,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     for case in args.cases.split(","):
         if case not in CASES:
             parser.error(f"unknown case {case!r}; valid cases are: {', '.join(CASES)}")
-        keys += [(case, "-")] if case == "naive" else [(case, c) for c in chunk_sizes]
+        if case == "naive":
+            keys.append((case, "-"))
+        elif case == "liger" and args.liger_chunk_size:
+            keys.append((case, args.liger_chunk_size))
+        else:
+            keys += [(case, c) for c in chunk_sizes]
     results = {key: [] for key in keys}
     for round_ in range(args.repeats):
         for key in keys:
