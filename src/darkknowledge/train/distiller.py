@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..losses import DistillationLoss
 from . import checkpoint as ckpt
 from .data import DataStream
-from .distributed import reduce_sum, step_normalizer
+from .distributed import global_count_and_stop, reduce_sum, step_normalizer
 from .logging import MetricLogger
 from .setup import (
     build_optimizer,
@@ -152,7 +152,7 @@ class Distiller:
             self._resume(logger)
         stream = DataStream(self.train_data, acc, epoch=self._epoch, index=self._batch_index)
         self._history, self._last_train, self._eval_metrics, self._eval_step = [], {}, None, None
-        self._window, self._reduced = _Window(self.step), None
+        self._window, self._peers_stop = _Window(self.step), None
         show = self.progress and acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not show)
         handlers = self._install_signal_handlers()
@@ -180,16 +180,13 @@ class Distiller:
         """One optimizer update over ``grad_accum_steps`` micro-batches; a record on log steps."""
         acc, k, step = self.accelerator, self.grad_accum_steps, self.step
         log_now = (step + 1) % self.log_every == 0
-        batches = [
-            stream.next() for _ in range(k)
-        ]  # all k first: the normaliser needs their counts
+        # All k micro-batches first: the normaliser needs the valid count of the whole update.
+        batches = [stream.next() for _ in range(k)]
         counts = torch.stack([_on(self.task.count_valid(b), acc.device) for b in batches])  # (k,)
-        flag = _on(float(self._stop_signal is not None), acc.device)
-        self._reduced = reduce_sum(
-            acc, torch.stack([counts.sum().float(), flag])
-        )  # (2,) all processes
+        stopping = self._stop_signal is not None
+        global_count, self._peers_stop = global_count_and_stop(acc, counts.sum(), stopping)
         # Each process divides by global/world; DDP averages, so the update is one big batch's.
-        normalizer = step_normalizer(acc, self._reduced[0])
+        normalizer = step_normalizer(acc, global_count)
         for group in self.optimizer.param_groups:
             group["lr"] = _at(self.learning_rate, step)
         outputs = []
@@ -209,7 +206,7 @@ class Distiller:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self._window.add(self._reduced[0])
+        self._window.add(global_count)
         return self._train_record(step, outputs, grad_norm, stream) if log_now else None
 
     def _teacher_outputs(self, batch: Any) -> Any:
@@ -240,7 +237,7 @@ class Distiller:
         if acc.num_processes == 1:
             stop = self._stop_signal is not None
         else:
-            stop = self._reduced is not None and bool(self._reduced[1] > 0)
+            stop = self._peers_stop is not None and bool(self._peers_stop)
         if not stop:
             return
         if self.output_dir is not None:

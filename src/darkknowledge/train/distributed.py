@@ -19,6 +19,19 @@ def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor, reduction="sum")
 
 
+def global_count_and_stop(
+    accelerator: Accelerator, local_count: torch.Tensor, stop: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step's valid count over all processes, and whether any process was asked to stop
+    (SIGINT/SIGTERM), in one all-reduce. A single process skips both: no collective, and no
+    host-to-device copy of the flag."""
+    if accelerator.num_processes == 1:
+        return local_count, None
+    flag = torch.tensor(float(stop), device=local_count.device)
+    reduced = reduce_sum(accelerator, torch.stack([local_count.float(), flag]))  # (2,)
+    return reduced[0], reduced[1] > 0
+
+
 def step_normalizer(accelerator: Accelerator, global_count: torch.Tensor) -> torch.Tensor:
     """``max(global_count, 1) / world_size`` as float32: an all-ignored step gives a zero loss,
     never NaN."""
