@@ -37,6 +37,8 @@ import sys
 import time
 
 CASES = ("naive", "liger", "fused", "roofline")
+# Run from a checkout without installing the package (e.g. on a GPU box with its own torch).
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
 
 
 def _rss_bytes() -> int:
