@@ -59,15 +59,13 @@ def _teacher(config: Config, bundle: DataBundle) -> nn.Module:
     teacher = model_from_spec(spec, bundle)
     if spec.checkpoint is None and spec.train_steps > 0:
         print(f"teacher ({_describe(spec)}): training from labels for {spec.train_steps} steps")
-        distiller, result = _fit(
-            teacher,
-            None,
-            config,
-            bundle,
-            subdir(config.train.output_dir, "teacher"),
-            spec.train_steps,
-        )
+        output_dir = subdir(config.train.output_dir, "teacher")
+        distiller, result = _fit(teacher, None, config, bundle, output_dir, spec.train_steps)
         print(f"teacher: {_format(_metrics(distiller, result))}")
+        if (
+            output_dir is not None
+        ):  # reusable: teacher.checkpoint=<output_dir>/teacher/model.safetensors
+            distiller.export_student(output_dir)
     elif spec.checkpoint is None:
         print(
             "teacher: no checkpoint and train_steps=0, used as built (untrained unless its callable loads weights)"

@@ -45,8 +45,10 @@ def class_accuracies(
 
 @torch.no_grad()
 def _logits(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``(N, C)`` logits on the CPU, wherever the Distiller placed the model (CPU or GPU)."""
     model.eval()
-    return model(inputs)
+    device = next(model.parameters()).device
+    return model(inputs.to(device)).float().cpu()
 
 
 def run_omit_class(

@@ -1,0 +1,83 @@
+"""Teacher-assistant chains: each stage's trained student teaches the next stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from cli_helpers import tiny_data, tiny_model
+from darkknowledge import Distiller
+from darkknowledge.chain import distill_chain
+from darkknowledge.cli import main
+
+
+def test_chain_stage_teacher_is_previous_trained_student():
+    torch.manual_seed(0)
+    train, _ = tiny_data(48)
+    teacher, assistant, student = tiny_model(16), tiny_model(8), tiny_model(4)
+    initial = {name: p.detach().clone() for name, p in assistant.named_parameters()}
+    taught_by = []
+
+    def fit(index, model, current_teacher):
+        distiller = Distiller(
+            model, current_teacher, DataLoader(train, batch_size=12), max_steps=4, progress=False
+        )
+        taught_by.append(
+            (distiller.teacher, {k: v.clone() for k, v in current_teacher.state_dict().items()})
+        )
+        return distiller.fit()
+
+    stages = distill_chain(teacher, [assistant, student], fit)
+    assert [s.index for s in stages] == [0, 1]
+    assert (
+        stages[0].teacher is teacher
+        and stages[1].teacher is assistant
+        and stages[1].student is student
+    )
+    # The Distiller of stage 1 was handed the trained assistant, frozen, not a fresh copy.
+    assert taught_by[1][0] is assistant
+    assert all(not p.requires_grad for p in assistant.parameters()) and not assistant.training
+    assert any(not torch.equal(p, initial[name]) for name, p in assistant.named_parameters())
+    assert all(torch.equal(v, assistant.state_dict()[k]) for k, v in taught_by[1][1].items())
+    assert stages[1].result.final["step"] == 4
+
+
+def test_chain_rejects_bad_students():
+    with pytest.raises(ValueError, match="at least one model"):
+        distill_chain(tiny_model(), [], lambda *a: None)
+    model = tiny_model()
+    with pytest.raises(ValueError, match="its own teacher"):
+        distill_chain(model, [model], lambda *a: None)
+
+
+def test_chain_from_config(tmp_path: Path, capsys):
+    config = {
+        "teacher": {"name": "cli_helpers:tiny_model", "args": {"width": 16}, "train_steps": 10},
+        "stages": [
+            {"name": "cli_helpers:tiny_model", "args": {"width": 8}},
+            {"name": "cli_helpers:tiny_model", "args": {"width": 4}},
+        ],
+        "data": {"name": "cli_helpers:tiny_data", "batch_size": 12},
+        "train": {
+            "max_steps": 4,
+            "log_every": 2,
+            "progress": False,
+            "output_dir": str(tmp_path / "run"),
+        },
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["distill", str(path)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["stage"] for r in results] == ["stage0", "stage1"]
+    assert all(
+        (tmp_path / "run" / name / "model.safetensors").exists()
+        for name in ("teacher", "stage0", "stage1")
+    )
+    out = capsys.readouterr().out
+    assert out.index("stage0 (") < out.index("stage1 (")

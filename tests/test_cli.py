@@ -1,0 +1,140 @@
+"""The dk commands: exit codes, one-line errors, user-code references, overrides."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from darkknowledge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "teacher": {"name": "cli_helpers:tiny_model", "args": {"width": 16}, "train_steps": 15},
+    "student": {"name": "cli_helpers:tiny_model", "args": {"width": 4}},
+    "data": {"name": "cli_helpers:tiny_data", "args": {"size": 48}, "batch_size": 12},
+    "distill": {"temperature": 2.0, "alpha": 0.5},
+    "train": {"max_steps": 6, "log_every": 2, "progress": False},
+}
+
+
+def write_config(tmp_path: Path, raw: dict, name: str = "config.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.count("\n") == 0 and err.startswith(f"dk {command}: error: ") and "Traceback" not in err
+    )
+    return err
+
+
+def test_cli_validate_presets_ok(capsys):
+    for preset in sorted((ROOT / "configs").glob("*.yaml")):
+        assert main(["validate", str(preset)]) == 0
+    assert capsys.readouterr().out.count(": ok") >= 4
+
+
+def test_cli_validate_lists_every_problem(tmp_path, capsys):
+    raw = {
+        "distill": {"temprature": 2, "alpha": 3},
+        "train": {"max_steps": 0},
+        "student": {"hidden": "wide"},
+    }
+    assert main(["validate", write_config(tmp_path, raw), "data.batch_size=-1"]) == 2
+    err = capsys.readouterr().err
+    for path in (
+        "distill.temprature",
+        "distill.alpha",
+        "train.max_steps",
+        "student.hidden",
+        "data.batch_size",
+    ):
+        assert f"  {path}:" in err
+    assert "did you mean 'temperature'" in err and err.startswith(
+        f"{tmp_path}/config.yaml: 5 problem(s)"
+    )
+
+
+def test_cli_distill_bad_config_exits_2_in_one_line(tmp_path, capsys):
+    path = write_config(tmp_path, {**TINY, "distill": {"temprature": 2.0, "alpha": 2}})
+    assert main(["distill", path]) == 2
+    err = one_line_error(capsys, "distill")
+    assert (
+        "distill.temprature: unknown key; did you mean 'temperature'?" in err
+        and "1 more problem" in err
+    )
+    assert main(["distill", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in one_line_error(capsys, "distill")
+    assert main(["distill", write_config(tmp_path, TINY), "train.max_steps=0"]) == 2
+    assert "train.max_steps: must be >= 1, got 0" in one_line_error(capsys, "distill")
+    assert main(["distill", write_config(tmp_path, {"student": {"hidden": [4]}})]) == 2
+    assert "needs a `teacher` section" in one_line_error(capsys, "distill")
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("cli_helpers:no_such_thing", "has no attribute 'no_such_thing'"),
+        ("no_such_package_xyz.models:build", "cannot import module 'no_such_package_xyz.models'"),
+        ("cli_helpers:NOT_CALLABLE", "not a callable"),
+        ("resnet", "unknown model 'resnet'; built-in models are mlp, cnn, linear"),
+    ],
+)
+def test_cli_bad_model_reference_is_one_line(tmp_path, capsys, name, message):
+    raw = {**TINY, "student": {"name": name}}
+    assert main(["train", write_config(tmp_path, raw)]) == 2
+    assert message in one_line_error(capsys, "train")
+
+
+def test_cli_distill_train_eval_with_user_code(tmp_path, capsys):
+    out = tmp_path / "run"
+    path = write_config(tmp_path, {**TINY, "train": {**TINY["train"], "output_dir": str(out)}})
+    assert main(["distill", path, "distill.alpha=0.7"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["stage"] for r in results] == ["student"] and results[0]["step"] == 6
+    assert (out / "student" / "model.safetensors").exists() and (
+        out / "student" / "metrics.jsonl"
+    ).exists()
+    teacher_weights = out / "teacher" / "model.safetensors"  # the trained teacher, reusable
+    assert (
+        main(["validate", path, f"teacher.checkpoint={teacher_weights}", "teacher.train_steps=0"])
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["eval", path, "--checkpoint", str(out / "student")]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["count"] == 12 and 0 <= metrics["accuracy"] <= 1
+    assert abs(metrics["accuracy"] - results[0]["eval_accuracy"]) < 1e-6
+    assert main(["train", path, "train.max_steps=3"]) == 0
+    assert json.loads((out / "results.json").read_text())[0]["stage"] == "baseline"
+    # Weights of another shape: a one-line error, not a traceback.
+    assert main(["eval", path, "student.args.width=5", "--checkpoint", str(out / "student")]) == 2
+    assert "does not fit the model" in one_line_error(capsys, "eval")
+
+
+def test_cli_demo_llm_missing_module_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "darkknowledge.llm.demo", None)  # makes the import fail
+    assert main(["demo", "llm"]) == 2
+    assert "the llm demo is not available" in one_line_error(capsys, "demo")
+
+
+def test_cli_subprocess_exit_codes(tmp_path):
+    run = [sys.executable, "-m", "darkknowledge.cli"]
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "distill" in helped.stdout and "validate" in helped.stdout
+    bad = write_config(tmp_path, {"distill": {"alpha": "high"}})
+    failed = subprocess.run([*run, "distill", bad], capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert (
+        failed.stderr.strip()
+        == f"dk distill: error: {bad}: distill.alpha: expected a number, got str 'high'"
+    )
