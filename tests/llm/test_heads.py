@@ -39,14 +39,19 @@ def test_last_hidden_states_match_full_forward_and_skip_lm_head(make_gpt2):
 
 
 def test_output_layer_lora_on_lm_head_is_merged_differentiably(make_gpt2):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False
+    )
     model = peft.get_peft_model(make_gpt2(tied=False), config).eval()
     ids, mask = _batch(40)
     layer = output_layer(model)
     logits = logits_from_hidden(last_hidden_states(model, ids, mask), layer)
     torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits)
     head = model.get_base_model().lm_head
-    expected = head.base_layer.weight + head.scaling["default"] * head.lora_B["default"].weight @ head.lora_A["default"].weight
+    expected = (
+        head.base_layer.weight
+        + head.scaling["default"] * head.lora_B["default"].weight @ head.lora_A["default"].weight
+    )
     torch.testing.assert_close(layer.weight, expected)
     logits.square().sum().backward()
     assert head.lora_A["default"].weight.grad.abs().sum() > 0
@@ -55,7 +60,9 @@ def test_output_layer_lora_on_lm_head_is_merged_differentiably(make_gpt2):
 
 
 def test_output_layer_disabled_adapter_is_the_base_weight(make_gpt2):
-    config = peft.LoraConfig(r=2, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=2, target_modules=["lm_head"], lora_dropout=0.0, init_lora_weights=False
+    )
     model = peft.get_peft_model(make_gpt2(tied=False), config)
     with model.disable_adapter():
         assert output_layer(model).weight is model.get_base_model().lm_head.base_layer.weight

@@ -37,7 +37,9 @@ def test_shift_labels_prompt_lengths_count_from_first_real_token(side):
     prompt, completion, pad = [1, 2], [10, 11], [0, 0, 0]
     tokens = pad + prompt + completion if side == "left" else prompt + completion + pad
     real = [0] * 3 + [1] * 4 if side == "left" else [1] * 4 + [0] * 3
-    labels = shift_labels(torch.tensor([tokens]), torch.tensor([real]), prompt_lengths=torch.tensor([2]))
+    labels = shift_labels(
+        torch.tensor([tokens]), torch.tensor([real]), prompt_lengths=torch.tensor([2])
+    )
     assert sorted(v for v in labels[0].tolist() if v != IGNORE) == [10, 11]
     # Position of the last prompt token predicts the first completion token.
     last_prompt = tokens.index(2)
@@ -47,11 +49,16 @@ def test_shift_labels_prompt_lengths_count_from_first_real_token(side):
 def test_shift_labels_completion_mask_matches_prompt_lengths():
     ids = torch.tensor([[0, 1, 2, 10, 11], [1, 2, 3, 4, 10]])
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    completion = torch.tensor([[False, False, False, True, True], [False, False, False, False, True]])
+    completion = torch.tensor(
+        [[False, False, False, True, True], [False, False, False, False, True]]
+    )
     by_mask = shift_labels(ids, mask, completion_mask=completion)
     by_length = shift_labels(ids, mask, prompt_lengths=torch.tensor([2, 4]))
     assert torch.equal(by_mask, by_length)
-    assert by_mask.tolist() == [[IGNORE, IGNORE, 10, 11, IGNORE], [IGNORE, IGNORE, IGNORE, 10, IGNORE]]
+    assert by_mask.tolist() == [
+        [IGNORE, IGNORE, 10, 11, IGNORE],
+        [IGNORE, IGNORE, IGNORE, 10, IGNORE],
+    ]
 
 
 def test_shift_labels_keeps_ignore_index_of_hf_style_labels():
@@ -62,7 +69,11 @@ def test_shift_labels_keeps_ignore_index_of_hf_style_labels():
 def test_shift_labels_rejects_bad_input():
     ids = torch.tensor([[1, 2, 3]])
     with pytest.raises(ValueError, match="not both"):
-        shift_labels(ids, prompt_lengths=torch.tensor([1]), completion_mask=torch.ones(1, 3, dtype=torch.bool))
+        shift_labels(
+            ids,
+            prompt_lengths=torch.tensor([1]),
+            completion_mask=torch.ones(1, 3, dtype=torch.bool),
+        )
     with pytest.raises(ValueError, match="attention_mask"):
         shift_labels(ids, torch.ones(1, 4))
     with pytest.raises(ValueError, match="prompt_lengths"):

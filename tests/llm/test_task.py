@@ -29,18 +29,28 @@ def test_causal_lm_task_loss_equals_kd_loss_on_full_shifted_logits(make_gpt2, di
     task = CausalLMTask(chunk_size=5)  # 21 positions: a leftover chunk
     with torch.inference_mode():  # as the Distiller runs it
         teacher_outputs = task.teacher_outputs(teacher, batch)
-    fused = task.compute_loss(student, batch, teacher_outputs, loss_fn=loss_fn, step=0, normalizer=None, signal=False)
+    fused = task.compute_loss(
+        student, batch, teacher_outputs, loss_fn=loss_fn, step=0, normalizer=None, signal=False
+    )
     fused.loss.total.backward()
     fused_grads = _grads(student)
     assert fused.soft_grad_norm is None and fused.hard_grad_norm is None
     student.zero_grad()
 
-    labels = shift_labels(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"])
+    labels = shift_labels(
+        batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"]
+    )
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits
     full = dk.kd_loss(
-        student(**inputs).logits, teacher_logits, labels, temperature=2.0, alpha=0.7, divergence=divergence, beta=0.3
+        student(**inputs).logits,
+        teacher_logits,
+        labels,
+        temperature=2.0,
+        alpha=0.7,
+        divergence=divergence,
+        beta=0.3,
     )
     full.total.backward()
     for got, want in zip(fused.loss, full):
@@ -55,9 +65,15 @@ def test_causal_lm_task_labels_only_is_cross_entropy(make_gpt2):
     student = make_gpt2(0).eval()
     batch = _batch(seed=3)
     task = CausalLMTask(chunk_size=4)
-    out = task.compute_loss(student, batch, None, loss_fn=None, step=0, normalizer=None, signal=False)
-    labels = shift_labels(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"])
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    out = task.compute_loss(
+        student, batch, None, loss_fn=None, step=0, normalizer=None, signal=False
+    )
+    labels = shift_labels(
+        batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"]
+    )
+    logits = student(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits.double()
     reference = F.cross_entropy(logits.reshape(-1, 40), labels.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss.total.double(), reference, rtol=1e-5, atol=1e-6)
 
@@ -69,12 +85,16 @@ def test_causal_lm_task_accumulation_with_global_normalizer_equals_one_batch(mak
     micro = [_batch(seed=s, rows=2) for s in range(3)]  # different valid counts per micro-batch
     normalizer = sum(task.count_valid(b) for b in micro)
     for b in micro:
-        out = task.compute_loss(student, b, task.teacher_outputs(teacher, b), loss_fn=loss_fn, normalizer=normalizer)
+        out = task.compute_loss(
+            student, b, task.teacher_outputs(teacher, b), loss_fn=loss_fn, normalizer=normalizer
+        )
         out.loss.total.backward()  # summed over micro-batches, never divided by k
     accumulated = _grads(student)
     student.zero_grad()
     big = {key: torch.cat([b[key] for b in micro]) for key in micro[0]}
-    task.compute_loss(student, big, task.teacher_outputs(teacher, big), loss_fn=loss_fn).loss.total.backward()
+    task.compute_loss(
+        student, big, task.teacher_outputs(teacher, big), loss_fn=loss_fn
+    ).loss.total.backward()
     for name, grad in _grads(student).items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
@@ -83,9 +103,13 @@ def test_causal_lm_task_eval_sums_match_naive_reference(make_gpt2):
     student = make_gpt2(2).eval()
     batch = _batch(seed=5)
     sums = CausalLMTask(chunk_size=3).eval_sums(student, batch)
-    labels = shift_labels(batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"])
+    labels = shift_labels(
+        batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"]
+    )
     with torch.no_grad():
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     valid = labels != -100
     nll = F.cross_entropy(logits[valid].double(), labels[valid], reduction="sum")
     assert sums["count"] == float(valid.sum())

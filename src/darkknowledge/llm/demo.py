@@ -44,8 +44,8 @@ class Recipe:
     student_steps: int = 250
     learning_rate: float = 3e-3
     train_bytes: int = 2_000_000
-    heldout_bytes: int = 65_536
-    eval_every: int = 25
+    heldout_bytes: int = 32_768
+    eval_every: int = 50
     temperature: float = 1.0
     alpha: float = 0.9
     seed: int = 0
@@ -53,7 +53,7 @@ class Recipe:
 
 QUICK = Recipe(
     block_size=32, batch_size=8, teacher_layers=1, teacher_width=32, student_layers=1, student_width=16,
-    teacher_steps=8, student_steps=4, train_bytes=20_000, heldout_bytes=2_048, eval_every=2,
+    teacher_steps=8, student_steps=4, train_bytes=20_000, heldout_bytes=1_024, eval_every=2,
 )  # fmt: skip
 
 
@@ -118,7 +118,7 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
             seed=seed,
         )
 
-    def fit(student, teacher, steps: int) -> dict[str, Any]:
+    def fit(student, teacher, steps: int, eval_every: int) -> dict[str, Any]:
         distiller = dk.Distiller(
             student,
             teacher,
@@ -131,15 +131,15 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
             ),
             max_steps=steps,
             max_grad_norm=1.0,
-            eval_data=eval_data,
-            eval_every=recipe.eval_every,
+            eval_data=eval_data if eval_every else None,
+            eval_every=eval_every,
             seed=recipe.seed,
             progress=False,
         )
         began = time.perf_counter()
         result = distiller.fit()
         seconds = time.perf_counter() - began
-        curve = [(r["step"], r["loss"]) for r in result.history if r["kind"] == "eval"]
+        curve = [[r["step"], r["loss"]] for r in result.history if r["kind"] == "eval"]
         return {
             "train_seconds": seconds,
             "train_tokens_per_s": _train_tokens(recipe, steps) / seconds,
@@ -150,7 +150,9 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
     results: dict[str, Any] = {"teacher": {**teacher_info, **_evaluate(teacher, eval_data)}}
     for name, use_teacher in (("distilled", True), ("data_only", False)):
         student = _gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
-        info = fit(student, teacher if use_teacher else None, recipe.student_steps)
+        info = fit(
+            student, teacher if use_teacher else None, recipe.student_steps, recipe.eval_every
+        )
         results[name] = {
             **info,
             **_evaluate(student, eval_data),
@@ -200,7 +202,7 @@ def _teacher(recipe: Recipe, digest: str, cache_dir: Path, fit) -> tuple[Any, di
             "parameters": _parameters(teacher),
         }
     teacher = _gpt2(recipe.teacher_layers, recipe.teacher_width, recipe, seed=recipe.seed)
-    info = fit(teacher, None, recipe.teacher_steps)
+    info = fit(teacher, None, recipe.teacher_steps, 0)  # 0: evaluated once, below
     meta = {key: info[key] for key in ("train_seconds", "train_tokens_per_s", "curve")}
     _save_atomically(teacher, meta, path)
     return teacher, {
