@@ -77,6 +77,19 @@ def _run_llm(rest: list[str]) -> int:
 def _run_classifier(args: argparse.Namespace) -> int:
     import torch
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # tiny matrices: more threads only add contention
+    try:
+        return _classifier(args)
+    finally:
+        torch.set_num_threads(threads)  # leave the process as we found it (tests call main())
+
+
+def _classifier(args: argparse.Namespace) -> int:
     from ..demo.classifier import METHODS, QUICK, DemoSettings, run_classifier_demo
     from ..demo.plots import make_plots
     from ..demo.report import (
@@ -87,11 +100,6 @@ def _run_classifier(args: argparse.Namespace) -> int:
         write_json,
     )
 
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    torch.set_num_threads(args.threads)  # tiny matrices: more threads only add contention
     settings = QUICK if args.quick else DemoSettings()
     if args.seeds is not None:
         settings = replace(settings, seeds=tuple(range(args.seeds)))

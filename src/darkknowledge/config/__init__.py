@@ -143,6 +143,12 @@ def check_config(raw: Any) -> tuple[Config | None, list[str]]:
                 "distill.temperature: a learnable temperature is set (distill.learnable_temperature); "
                 "remove distill.temperature, which it would replace"
             )
+    learn = getattr(getattr(config, "distill", None), "learnable_temperature", None)
+    if learn is not None and not learn.minimum < learn.initial < learn.minimum + learn.t_range:
+        errors.append(
+            f"distill.learnable_temperature.initial: must lie strictly inside (minimum, minimum + t_range) = "
+            f"({learn.minimum:g}, {learn.minimum + learn.t_range:g}), got {learn.initial:g}"
+        )
     return (None, errors) if errors else (config, [])
 
 
