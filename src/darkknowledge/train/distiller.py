@@ -9,7 +9,6 @@ device. All math lives in :mod:`darkknowledge.losses`; this file only wires it.
 from __future__ import annotations
 
 import contextlib
-import math
 import signal as signal_module
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from accelerate import DistributedType
 from accelerate.utils import gather_object, send_to_device, set_seed
 from tqdm.auto import tqdm
 
@@ -139,6 +139,8 @@ class Distiller:
                 alpha=alpha, **loss_options,
             )  # fmt: skip
         self.step, self._epoch, self._batch_index = 0, 0, 0
+        plain = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        self._plain_steps = accelerator.scaler is None and accelerator.distributed_type in plain
         self._stop_signal: int | None = None
 
     # ---- the loop ------------------------------------------------------------------------
@@ -152,7 +154,8 @@ class Distiller:
             self._resume(logger)
         stream = DataStream(self.train_data, acc, epoch=self._epoch, index=self._batch_index)
         self._history, self._last_train, self._eval_metrics, self._eval_step = [], {}, None, None
-        self._window, self._peers_stop = _Window(self.step), None
+        self._window, self._peers_stop, self._pending = _Window(self.step), None, None
+        self._logger = logger
         show = self.progress and acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not show)
         handlers = self._install_signal_handlers()
@@ -160,8 +163,9 @@ class Distiller:
         try:
             while self.step < self.max_steps:
                 self._stop_if_signalled(stream)
-                record = self.train_step(stream)
-                self._after_step(record, stream, logger, bar)
+                pending = self.train_step(stream)
+                self._after_step(pending, stream, logger, bar)
+            self._flush(logger)
             if self.eval_data is not None and self._eval_step != self.step:
                 self._log_eval(logger)
             if self.output_dir is not None:
@@ -176,7 +180,7 @@ class Distiller:
         )
         return TrainResult(self._history, final)
 
-    def train_step(self, stream: DataStream) -> dict | None:
+    def train_step(self, stream: DataStream) -> _PendingRecord | None:
         """One optimizer update over ``grad_accum_steps`` micro-batches; a record on log steps."""
         acc, k, step = self.accelerator, self.grad_accum_steps, self.step
         log_now = (step + 1) % self.log_every == 0
@@ -198,12 +202,12 @@ class Distiller:
                     self.student, batch, teacher_out, loss_fn=self.loss_fn, step=step,
                     normalizer=normalizer, signal=log_now,
                 )  # fmt: skip
-                acc.backward(out.loss.total)  # summed over micro-batches, never divided by k
+                self._backward(out.loss.total)  # summed over micro-batches, never divided by k
             outputs.append(out)
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), self.max_grad_norm)
-        self.optimizer.step()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self._window.add(global_count)
@@ -216,16 +220,23 @@ class Distiller:
             outputs = self.task.teacher_outputs(self.teacher, batch)
         return _out_of_inference_mode(outputs)  # autograd may need to save them for backward
 
-    def _after_step(self, record: dict | None, stream: DataStream, logger, bar) -> None:
+    def _after_step(self, pending, stream: DataStream, logger, bar) -> None:
+        # The record of the previous log step is logged now: its numbers were copied to the host
+        # behind that step's work, so reading them does not drain the GPU's queue.
+        record = self._flush(logger)
+        self._pending = pending
+        eval_now = self.eval_every and self.step % self.eval_every == 0
+        save_now = (
+            self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps
+        )
+        if eval_now or save_now:
+            record = self._flush(logger) or record
         if record is not None:
-            logger.log(record)
-            self._history.append(record)
-            self._last_train = record
             bar.set_postfix(loss=f"{record['total']:.4g}", refresh=False)
         bar.update(1)
-        if self.eval_every and self.step % self.eval_every == 0:
+        if eval_now:
             self._log_eval(logger)
-        if self.save_every and self.step % self.save_every == 0 and self.step < self.max_steps:
+        if save_now:
             self.save_checkpoint(stream)
         for callback in self.callbacks:
             callback(self, record)
@@ -240,39 +251,58 @@ class Distiller:
             stop = self._peers_stop is not None and bool(self._peers_stop)
         if not stop:
             return
+        self._flush(self._logger)
         if self.output_dir is not None:
             self.save_checkpoint(stream)
         if self._stop_signal == signal_module.SIGINT:
             raise KeyboardInterrupt
         raise SystemExit(128 + int(self._stop_signal or signal_module.SIGTERM))
 
-    def _train_record(self, step: int, outputs: list, grad_norm, stream: DataStream) -> dict:
+    def _train_record(
+        self, step: int, outputs: list, grad_norm, stream: DataStream
+    ) -> _PendingRecord:
         acc = self.accelerator
         parts = torch.stack(
             [sum(o.loss[i].detach().float() for o in outputs) for i in range(3)]
         )  # (3,) total, soft, hard
         # Each process's parts carry 1/(global/world): their mean over processes is the global mean.
-        parts = (reduce_sum(acc, parts) / acc.num_processes).tolist()
-        soft_norm = combine_grad_norms(o.soft_grad_norm for o in outputs)
-        hard_norm = combine_grad_norms(o.hard_grad_norm for o in outputs)
+        parts = reduce_sum(acc, parts) / acc.num_processes
+        soft_norm = combine_grad_norms([o.soft_grad_norm for o in outputs], acc.device)
+        hard_norm = combine_grad_norms([o.hard_grad_norm for o in outputs], acc.device)
         if soft_norm is not None and acc.num_processes > 1:
             # The global loss is the mean of the processes' losses: its gradient at all logits is
             # the processes' gradients / world, so the norm is sqrt(Σ_r norm_r²) / world.
-            norms = reduce_sum(acc, torch.tensor([soft_norm**2, hard_norm**2], device=acc.device))
-            soft_norm, hard_norm = (math.sqrt(float(n)) / acc.num_processes for n in norms)
+            norms = (
+                reduce_sum(acc, torch.stack([soft_norm, hard_norm]) ** 2).sqrt() / acc.num_processes
+            )
+            soft_norm, hard_norm = norms[0], norms[1]
         temperature = outputs[0].temperature
         if temperature is None and self.loss_fn is not None and self.temperature_module is None:
             temperature = float(self.loss_fn.current_temperature(step))
-        record = {
+        fields = {
             "kind": "train", "step": self.step, "epoch": stream.epoch,
-            "total": parts[0], "soft": parts[1], "hard": parts[2],
-            "temperature": temperature, "alpha": float(_at(self.alpha, step)),
-            "lr": float(_at(self.learning_rate, step)),
+            "alpha": float(_at(self.alpha, step)), "lr": float(_at(self.learning_rate, step)),
+        }  # fmt: skip
+        numbers = {
+            "total": parts[0], "soft": parts[1], "hard": parts[2], "temperature": temperature,
             "soft_grad_norm": soft_norm, "hard_grad_norm": hard_norm,
         }  # fmt: skip
         if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record.update(self._window.rates(self.step))
+            numbers["grad_norm"] = grad_norm
+        steps, seconds, positions = self._window.take(self.step)
+        numbers["positions_per_s"] = positions / seconds
+        fields["steps_per_s"] = steps / seconds
+        return _PendingRecord(fields, numbers)
+
+    def _flush(self, logger: MetricLogger) -> dict | None:
+        """Log the pending train record, if any (its numbers are waited for)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        record = pending.resolve()
+        logger.log(record)
+        self._history.append(record)
+        self._last_train = record
         return record
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -422,6 +452,20 @@ class Distiller:
 
     # ---- small helpers -------------------------------------------------------------------
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self._plain_steps:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)  # grad scaler (fp16), DeepSpeed, ...
+
+    def _optimizer_step(self) -> None:
+        # Accelerate's optimizer wrapper probes for an optional package on every step (about
+        # 0.5 ms in accelerate 1.15); without a grad scaler or XLA it does nothing else.
+        if self._plain_steps:
+            self.optimizer.optimizer.step()
+        else:
+            self.optimizer.step()
+
     def _trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -452,22 +496,53 @@ class Distiller:
 
 
 class _Window:
-    """Throughput since the last log step: steps/s and valid positions (samples, tokens)/s."""
+    """Throughput since the last log step: steps, seconds and valid positions (samples, tokens)."""
 
     def __init__(self, step: int) -> None:
         self.start_step, self.start_time, self.count = step, time.perf_counter(), 0.0
 
     def add(self, global_count: torch.Tensor) -> None:
-        self.count = self.count + global_count  # a tensor: no host sync until rates()
+        self.count = self.count + global_count  # a tensor: no host sync here
 
-    def rates(self, step: int) -> dict:
-        elapsed = max(time.perf_counter() - self.start_time, 1e-9)
-        rates = {
-            "steps_per_s": (step - self.start_step) / elapsed,
-            "positions_per_s": float(self.count) / elapsed,
-        }
-        self.start_step, self.start_time, self.count = step, time.perf_counter(), 0.0
-        return rates
+    def take(self, step: int) -> tuple[int, float, torch.Tensor | float]:
+        now = time.perf_counter()
+        window = (step - self.start_step, max(now - self.start_time, 1e-9), self.count)
+        self.start_step, self.start_time, self.count = step, now, 0.0
+        return window
+
+
+class _PendingRecord:
+    """A log record whose numbers may still be on the GPU.
+
+    Reading them at once (``.item()``) would wait for the whole queue of work and leave the GPU
+    idle while Python prepares the next step, on every log step. Instead they are copied to pinned
+    memory behind the step's work and read one step later, when they have long arrived.
+    """
+
+    def __init__(self, fields: dict, numbers: dict[str, Any]) -> None:
+        self.fields = dict(fields)
+        self.names = [n for n, v in numbers.items() if isinstance(v, torch.Tensor)]
+        self.fields.update({n: v for n, v in numbers.items() if not isinstance(v, torch.Tensor)})
+        self.host, self.event = None, None
+        if self.names:
+            device = numbers[self.names[0]].device
+            packed = torch.stack(
+                [numbers[n].detach().float().reshape(()).to(device) for n in self.names]
+            )
+            if packed.is_cuda:
+                self.host = torch.empty(packed.shape, pin_memory=True)
+                self.host.copy_(packed, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = packed
+
+    def resolve(self) -> dict:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this record's step only, not for the queue
+        values = dict(zip(self.names, self.host.tolist())) if self.names else {}
+        record = {**self.fields, **values}
+        return {n: record[n] for n in [*self.fields, *self.names] if n in record}
 
 
 def _on(value, device) -> torch.Tensor:

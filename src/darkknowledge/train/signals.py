@@ -12,22 +12,24 @@ them only on log steps, because each costs a backward pass through the loss head
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 
 from ..losses import KDLoss
 
 
-def signal_grad_norms(loss: KDLoss, alpha: float, logits: torch.Tensor) -> tuple[float, float]:
-    """``(soft_grad_norm, hard_grad_norm)`` of one micro-batch's loss at the student ``logits``.
+def signal_grad_norms(
+    loss: KDLoss, alpha: float, logits: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(soft_grad_norm, hard_grad_norm)`` of one micro-batch's loss at the student ``logits``,
+    as 0-dim float32 tensors (no host sync: the Distiller reads them when they are ready).
 
     >>> import torch, darkknowledge as dk
     >>> z = torch.randn(4, 3, requires_grad=True)
     >>> loss = dk.kd_loss(z, torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), temperature=2.0, alpha=1.0)
     >>> soft, hard = signal_grad_norms(loss, 1.0, z)
-    >>> soft > 0.0, hard
+    >>> bool(soft > 0), float(hard)
     (True, 0.0)
     """
     (total_grad,) = torch.autograd.grad(loss.total, logits, retain_graph=True)
@@ -37,18 +39,19 @@ def signal_grad_norms(loss: KDLoss, alpha: float, logits: torch.Tensor) -> tuple
         (hard_grad,) = torch.autograd.grad((1.0 - alpha) * loss.hard, logits, retain_graph=True)
     soft_norm = torch.linalg.vector_norm((total_grad - hard_grad).float())
     hard_norm = torch.linalg.vector_norm(hard_grad.float())
-    return float(soft_norm), float(hard_norm)
+    return soft_norm.detach(), hard_norm.detach()
 
 
-def combine_grad_norms(norms: Iterable[float | None]) -> float | None:
-    """Norm over the concatenation of several micro-batches' logits: ``sqrt(Σ n_i²)``.
+def combine_grad_norms(
+    norms: Sequence[float | torch.Tensor | None], device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """Norm over the concatenation of several micro-batches' logits: ``sqrt(Σ n_i²)``, a 0-dim
+    tensor on ``device``. None (a task that does not measure) stays None.
 
-    None (a task that does not measure) stays None.
-
-    >>> combine_grad_norms([3.0, 4.0])
-    5.0
+    >>> combine_grad_norms([3.0, torch.tensor(4.0)])
+    tensor(5.)
     """
-    norms = list(norms)
     if not norms or any(n is None for n in norms):
         return None
-    return math.sqrt(sum(n * n for n in norms))
+    stacked = torch.stack([torch.as_tensor(n, dtype=torch.float32, device=device) for n in norms])
+    return stacked.square().sum().sqrt()

@@ -28,13 +28,14 @@ class TaskOutput(NamedTuple):
     """One micro-batch's loss parts, and on signal steps the signal meter's readings.
 
     ``temperature`` (optional) is the temperature in force, its mean if per sample; tasks that
-    leave it None get the Distiller's own reading of a float or scheduled temperature.
+    leave it None get the Distiller's own reading of a float or scheduled temperature. The
+    numbers may be 0-dim tensors: the Distiller reads them without stalling the GPU.
     """
 
     loss: KDLoss
-    soft_grad_norm: float | None = None
-    hard_grad_norm: float | None = None
-    temperature: float | None = None
+    soft_grad_norm: float | torch.Tensor | None = None
+    hard_grad_norm: float | torch.Tensor | None = None
+    temperature: float | torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -133,7 +134,7 @@ class ClassificationTask:
             return TaskOutput(loss)
         soft_norm, hard_norm = signal_grad_norms(loss, alpha, logits)
         if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach().float().mean())
+            temperature = temperature.detach().float().mean()  # read by the Distiller later
         return TaskOutput(loss, soft_norm, hard_norm, temperature)
 
     def eval_sums(self, student: torch.nn.Module, batch: Any) -> dict[str, float]:
