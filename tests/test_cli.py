@@ -138,3 +138,27 @@ def test_cli_subprocess_exit_codes(tmp_path):
         failed.stderr.strip()
         == f"dk distill: error: {bad}: distill.alpha: expected a number, got str 'high'"
     )
+
+
+def test_cli_labelled_fraction_transfer_set(tmp_path, capsys):
+    from darkknowledge.commands._build import IGNORE, build_data
+    from darkknowledge.config import DataConfig
+
+    bundle = build_data(DataConfig(labelled_fraction=0.1))
+    baseline, transfer = bundle.student_train(distill=False), bundle.student_train(distill=True)
+    known = transfer.tensors[1] != IGNORE
+    assert (
+        len(transfer) == 1347 and int(known.sum()) == len(baseline) == 136
+    )  # 10 % per class, rounded
+    assert (baseline.tensors[1] == transfer.tensors[1][known]).all()
+    raw = {
+        "teacher": {"hidden": [8], "train_steps": 3},
+        "student": {"hidden": [4]},
+        "data": {"labelled_fraction": 0.1},
+        "train": {"max_steps": 3, "progress": False},
+    }
+    assert main(["distill", write_config(tmp_path, raw)]) == 0
+    assert "student: step=3" in capsys.readouterr().out
+    raw["data"] = {"name": "cli_helpers:tiny_data", "labelled_fraction": 0.5}
+    assert main(["validate", write_config(tmp_path, raw)]) == 2
+    assert "data.labelled_fraction: only the built-in digits" in capsys.readouterr().err

@@ -17,22 +17,44 @@ from .. import schedules
 from ..config import Config, DataConfig, DistillConfig, ModelConfig, thaw
 from ..models import build_model, import_callable, load_weights
 
+IGNORE = -100  # the label of an example whose label the student does not see
+
 
 @dataclass(frozen=True)
 class DataBundle:
+    """``train`` has every label (it trains the teacher). With ``labelled`` (indices), the
+    student sees labels of those examples only: ``transfer`` marks the others ``IGNORE``."""
+
     train: Dataset
     eval: Dataset
     in_features: int
     num_classes: int
+    labelled: torch.Tensor | None = None
+
+    def student_train(self, distill: bool) -> Dataset:
+        """What the student trains on: the transfer set (distill) or the labelled part."""
+        if self.labelled is None:
+            return self.train
+        inputs, labels = self.train.tensors
+        if not distill:
+            return TensorDataset(inputs[self.labelled], labels[self.labelled])
+        masked = torch.full_like(labels, IGNORE)
+        masked[self.labelled] = labels[self.labelled]
+        return TensorDataset(inputs, masked)
 
 
 def build_data(spec: DataConfig) -> DataBundle:
     """The train and eval datasets named by ``data.name``."""
     if spec.name == "digits":
-        from ..data import split_digits
+        from ..data import split_digits, stratified_split
 
         train_x, train_y, test_x, test_y = split_digits(spec.test_fraction, spec.split_seed)
-        return DataBundle(TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), 64, 10)
+        labelled = None
+        if spec.labelled_fraction < 1:
+            labelled = stratified_split(train_y, spec.labelled_fraction, spec.split_seed)[1]
+        return DataBundle(
+            TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), 64, 10, labelled
+        )
     if ":" not in spec.name:
         raise ValueError(
             f"data.name: unknown data set {spec.name!r}; built-in: digits, or 'package.module:callable'"
@@ -50,11 +72,14 @@ def build_data(spec: DataConfig) -> DataBundle:
     )
 
 
-def loaders(bundle: DataBundle, spec: DataConfig, seed: int) -> tuple[DataLoader, DataLoader]:
-    """A shuffling train loader (seeded) and an eval loader."""
+def loaders(
+    bundle: DataBundle, spec: DataConfig, seed: int, train_set: Dataset | None = None
+) -> tuple[DataLoader, DataLoader]:
+    """A shuffling train loader (seeded; default ``bundle.train``) and an eval loader."""
     generator = torch.Generator().manual_seed(seed)
+    train_set = bundle.train if train_set is None else train_set
     train = DataLoader(
-        bundle.train, batch_size=spec.batch_size, shuffle=True, generator=generator, drop_last=False
+        train_set, batch_size=spec.batch_size, shuffle=True, generator=generator, drop_last=False
     )
     evaluation = DataLoader(bundle.eval, batch_size=spec.eval_batch_size)
     return train, evaluation

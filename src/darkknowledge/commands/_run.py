@@ -11,7 +11,15 @@ from torch import nn
 
 from ..chain import distill_chain, freeze
 from ..config import Config
-from ._build import DataBundle, build_data, distiller_kwargs, loaders, model_from_spec, subdir
+from ._build import (
+    IGNORE,
+    DataBundle,
+    build_data,
+    distiller_kwargs,
+    loaders,
+    model_from_spec,
+    subdir,
+)
 
 
 def add_config_arguments(parser) -> None:
@@ -35,16 +43,26 @@ def _fit(
     bundle: DataBundle,
     output_dir,
     max_steps=None,
+    *,
+    student: bool = True,
 ):
+    """Train ``model`` (the teacher when ``student`` is False: on every label)."""
     from ..train import Distiller
 
-    train_loader, eval_loader = loaders(bundle, config.data, config.train.seed)
+    train_set, task = None, None
+    if student:
+        train_set = bundle.student_train(distill=teacher is not None)
+        if bundle.labelled is not None and teacher is not None:
+            from ..demo.transfer import TransferSetTask
+
+            task = TransferSetTask(ignore_index=IGNORE)  # soft targets on unlabelled examples too
+    train_loader, eval_loader = loaders(bundle, config.data, config.train.seed, train_set)
     kwargs = distiller_kwargs(
         config, num_classes=bundle.num_classes, distill=teacher is not None, output_dir=output_dir
     )
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
-    distiller = Distiller(model, teacher, train_loader, eval_data=eval_loader, **kwargs)
+    distiller = Distiller(model, teacher, train_loader, eval_data=eval_loader, task=task, **kwargs)
     result = distiller.fit()
     return distiller, result
 
@@ -60,7 +78,9 @@ def _teacher(config: Config, bundle: DataBundle) -> nn.Module:
     if spec.checkpoint is None and spec.train_steps > 0:
         print(f"teacher ({_describe(spec)}): training from labels for {spec.train_steps} steps")
         output_dir = subdir(config.train.output_dir, "teacher")
-        distiller, result = _fit(teacher, None, config, bundle, output_dir, spec.train_steps)
+        distiller, result = _fit(
+            teacher, None, config, bundle, output_dir, spec.train_steps, student=False
+        )
         print(f"teacher: {_format(_metrics(distiller, result))}")
         if (
             output_dir is not None

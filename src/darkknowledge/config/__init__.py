@@ -143,6 +143,12 @@ def check_config(raw: Any) -> tuple[Config | None, list[str]]:
                 "distill.temperature: a learnable temperature is set (distill.learnable_temperature); "
                 "remove distill.temperature, which it would replace"
             )
+    data = getattr(config, "data", None)
+    if data is not None and data.labelled_fraction < 1 and data.name != "digits":
+        errors.append(
+            f"data.labelled_fraction: only the built-in digits can hide labels, got data.name={data.name!r}; "
+            "let your data callable mark unlabelled examples instead"
+        )
     learn = getattr(getattr(config, "distill", None), "learnable_temperature", None)
     if learn is not None and not learn.minimum < learn.initial < learn.minimum + learn.t_range:
         errors.append(

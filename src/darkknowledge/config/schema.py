@@ -115,6 +115,12 @@ class DataConfig:
     split_seed: int = field_(
         0, integer(at_least=0), "digits: seed of the train/test split (fixed across runs)"
     )
+    labelled_fraction: float = field_(
+        1.0,
+        number(above=0, at_most=1),
+        "digits: share of the training split whose labels the student sees (stratified, drawn with "
+        "split_seed); dk distill gives soft targets on all of it, dk train only the labelled part",
+    )
 
 
 @dataclass(frozen=True)
