@@ -1,6 +1,8 @@
 import argparse
 import json
 
+import pytest
+
 from darkknowledge.llm import demo
 
 
@@ -32,3 +34,16 @@ def test_demo_quick_runs_and_second_run_uses_the_cached_teacher(tmp_path, capsys
     )  # the same weights
     # Same seed and batches: the students are trained identically again.
     assert second["models"]["distilled"]["curve"] == first["models"]["distilled"]["curve"]
+
+
+def test_demo_rejects_bad_flags_before_training(tmp_path):
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    for flags, message in (
+        (["--alpha", "2"], "--alpha"),
+        (["--student-steps", "0"], "--student-steps"),
+    ):
+        args = parser.parse_args(["--quick", "--cache-dir", str(tmp_path), *flags])
+        with pytest.raises(ValueError, match=message):
+            demo.run(args)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing cached

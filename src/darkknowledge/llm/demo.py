@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name, None) is not None
     }
     recipe = Recipe(**{**asdict(recipe), **overrides})
+    _validate(recipe)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     report = run_demo(recipe, cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir))
@@ -97,6 +98,18 @@ def run(args: argparse.Namespace) -> int:
         f"report: {Path(args.output_dir) / 'results.json'}, {Path(args.output_dir) / 'val_loss.png'}"
     )
     return 0
+
+
+def _validate(recipe: Recipe) -> None:
+    """Refuse bad settings before minutes of training, naming the flag."""
+    for name in ("teacher_steps", "student_steps"):
+        value = getattr(recipe, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0.0 <= recipe.alpha <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], got {recipe.alpha}")
+    if not (recipe.temperature > 0 and math.isfinite(recipe.temperature)):
+        raise ValueError(f"--temperature must be finite and > 0, got {recipe.temperature}")
 
 
 def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, Any]:
