@@ -79,7 +79,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--log-every", type=int, default=1, help="the Distiller's log_every")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     torch.manual_seed(0)
