@@ -82,13 +82,12 @@ def _teacher(config: Config, bundle: DataBundle) -> nn.Module:
             teacher, None, config, bundle, output_dir, spec.train_steps, student=False
         )
         print(f"teacher: {_format(_metrics(distiller, result))}")
-        if (
-            output_dir is not None
-        ):  # reusable: teacher.checkpoint=<output_dir>/teacher/model.safetensors
+        # Reusable as teacher.checkpoint=<train.output_dir>/teacher/model.safetensors.
+        if output_dir is not None:
             distiller.export_student(output_dir)
     elif spec.checkpoint is None:
         print(
-            "teacher: no checkpoint and train_steps=0, used as built (untrained unless its callable loads weights)"
+            "teacher: no checkpoint and train_steps=0: used as built (its callable may load weights)"
         )
     return freeze(teacher)
 
@@ -118,14 +117,12 @@ def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
 
     def fit(index: int, student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
         spec = config.students[index] if distill else config.students[-1]
-        name = (
-            f"stage{index}"
-            if distill and len(config.students) > 1
-            else ("student" if distill else "baseline")
-        )
-        print(
-            f"{name} ({_describe(spec)}): {'distilling' if teacher is not None else 'training from labels alone'}"
-        )
+        if not distill:
+            name = "baseline"
+        else:
+            name = f"stage{index}" if len(config.students) > 1 else "student"
+        doing = "distilling" if teacher is not None else "training from labels alone"
+        print(f"{name} ({_describe(spec)}): {doing}")
         distiller, result = _fit(student, teacher, config, bundle, subdir(output_dir, name))
         metrics = _metrics(distiller, result)
         print(f"{name}: {_format(metrics)}")
