@@ -46,7 +46,9 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _run_case(case: str, rows: int, classes: int, dtype: str, device: str, temperature: float, alpha: float) -> dict:
+def _run_case(
+    case: str, rows: int, classes: int, dtype: str, device: str, temperature: float, alpha: float
+) -> dict:
     """One forward+backward of one case, in this (fresh) process."""
     import torch
     import torch.nn.functional as F
@@ -109,7 +111,9 @@ def _machine(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        return (
+            f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+        )
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -134,7 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args._case:
-        result = _run_case(args._case, args.rows, args.classes, args.dtype, args.device, args.temperature, args.alpha)
+        result = _run_case(
+            args._case,
+            args.rows,
+            args.classes,
+            args.dtype,
+            args.device,
+            args.temperature,
+            args.alpha,
+        )
         print(json.dumps(result))
         return 0
 
@@ -143,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
         order = CASES if i % 2 == 0 else CASES[::-1]  # interleave, alternating who goes first
         for case in order:
             runs[case].append(_spawn(case, args))
-            print(f"repeat {i + 1}/{args.repeats} {case}: {runs[case][-1]['seconds']:.3f} s", flush=True)
+            print(
+                f"repeat {i + 1}/{args.repeats} {case}: {runs[case][-1]['seconds']:.3f} s",
+                flush=True,
+            )
 
     median = {c: statistics.median(r["seconds"] for r in runs[c]) for c in CASES}
     peak = {c: statistics.median(r["peak_bytes"] for r in runs[c]) for c in CASES}
     losses = {c: runs[c][0]["loss"] for c in CASES}
     gib = 2**30
     memory_kind = "CUDA max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
-    command = "python benchmarks/kd_loss.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python benchmarks/kd_loss.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
     lines = [
         "# kd_loss vs plain PyTorch (forward + backward)",
         "",
@@ -164,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         "| case | median time (s) | all times (s) | peak memory (GiB) |",
         "| --- | --- | --- | --- |",
     ]
-    names = {"baseline": "plain PyTorch (log_softmax, kl_div batchmean, T², cross_entropy)", "kd_loss": "dk.kd_loss"}
+    names = {
+        "baseline": "plain PyTorch (log_softmax, kl_div batchmean, T², cross_entropy)",
+        "kd_loss": "dk.kd_loss",
+    }
     for c in CASES:
         times = ", ".join(f"{r['seconds']:.3f}" for r in runs[c])
         lines.append(f"| {names[c]} | {median[c]:.3f} | {times} | {peak[c] / gib:.2f} |")
@@ -178,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_write:
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.output.parent, delete=False, suffix=".tmp") as f:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=args.output.parent, delete=False, suffix=".tmp"
+        ) as f:
             f.write(text)
         os.replace(f.name, args.output)
     return 0

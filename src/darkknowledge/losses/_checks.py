@@ -16,14 +16,25 @@ REDUCTIONS = ("mean", "sum", "none")
 
 
 def check_temperature(temperature: float | torch.Tensor, name: str = "temperature") -> None:
-    """A temperature is a finite number > 0, or a tensor of them (checked for dtype only,
-    because inspecting a GPU tensor's values would synchronise every step)."""
+    """A temperature is a finite number > 0, or a tensor of them. A tensor's values are checked
+    on CPU only: inspecting a GPU tensor's values would synchronise every step."""
     if isinstance(temperature, torch.Tensor):
         if not temperature.is_floating_point():
-            raise TypeError(f"{name} must be a float or a floating-point tensor, got a tensor of dtype {temperature.dtype}")
+            raise TypeError(
+                f"{name} must be a float or a floating-point tensor, got a tensor of dtype {temperature.dtype}"
+            )
+        if temperature.device.type == "cpu" and temperature.numel():
+            values = temperature.detach()
+            bad = ~(torch.isfinite(values) & (values > 0))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"{name} must be finite and > 0 everywhere, got a tensor holding {values[bad][0].item()!r}"
+                )
         return
     if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(f"{name} must be a float > 0 or a tensor, got {type(temperature).__name__} {temperature!r}")
+        raise TypeError(
+            f"{name} must be a float > 0 or a tensor, got {type(temperature).__name__} {temperature!r}"
+        )
     if not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {name}={temperature!r}")
 
@@ -45,7 +56,9 @@ def check_divergence_name(kind: str, name: str = "divergence") -> None:
 
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+        raise ValueError(
+            f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}"
+        )
 
 
 def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -56,7 +69,9 @@ def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         if value.dim() < 1:
-            raise ValueError(f"{name} must have shape (..., C) with at least one dimension, got a scalar")
+            raise ValueError(
+                f"{name} must have shape (..., C) with at least one dimension, got a scalar"
+            )
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student_logits and teacher_logits must have the same class dimension (last), got "
@@ -70,12 +85,18 @@ def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         )
 
 
-def check_labels(labels: torch.Tensor, leading_shape: torch.Size, num_classes: int, ignore_index: int) -> None:
+def check_labels(
+    labels: torch.Tensor, leading_shape: torch.Size, num_classes: int, ignore_index: int
+) -> None:
     """Integer labels of shape ``leading_shape`` with values in [0, C) or ``ignore_index``."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
+        raise TypeError(
+            f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}"
+        )
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
-        raise TypeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+        raise TypeError(
+            f"labels must be an integer tensor of class indices, got dtype {labels.dtype}"
+        )
     if labels.shape != leading_shape:
         raise ValueError(
             f"labels must have the logits' shape without the class dimension, {tuple(leading_shape)}, "

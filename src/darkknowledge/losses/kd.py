@@ -9,7 +9,9 @@ class dimension and averaged over valid positions, never over classes.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -35,7 +37,9 @@ class KDLoss(NamedTuple):
     hard: torch.Tensor
 
 
-def resolve_soft_scale(soft_scale: SoftScale, temperature: float | torch.Tensor) -> float | torch.Tensor:
+def resolve_soft_scale(
+    soft_scale: SoftScale, temperature: float | torch.Tensor
+) -> float | torch.Tensor:
     """The factor on the soft term: ``"T2"`` gives T^2, ``"none"`` gives 1, a float itself."""
     if isinstance(soft_scale, str):
         if soft_scale == "T2":
@@ -44,7 +48,9 @@ def resolve_soft_scale(soft_scale: SoftScale, temperature: float | torch.Tensor)
             return 1.0
         raise ValueError(f'soft_scale must be "T2", "none" or a float, got {soft_scale!r}')
     if isinstance(soft_scale, bool) or not isinstance(soft_scale, int | float):
-        raise TypeError(f'soft_scale must be "T2", "none" or a float, got {type(soft_scale).__name__}')
+        raise TypeError(
+            f'soft_scale must be "T2", "none" or a float, got {type(soft_scale).__name__}'
+        )
     return float(soft_scale)
 
 
@@ -75,8 +81,10 @@ def divergence(
 
     Returns ``()`` or, with ``reduction="none"``, ``(...)``.
 
-    >>> z = torch.tensor([[2.0, 0.0, -1.0]])
-    >>> float(divergence(z, z, kind="jsd"))
+    >>> student, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 2.0, -1.0]])
+    >>> round(float(divergence(student, teacher, kind="forward_kl", temperature=2.0)), 4)
+    0.3973
+    >>> round(float(divergence(student, student, kind="jsd")), 6)  # identical: 0 up to rounding
     0.0
     """
     _checks.check_logits_pair(student_logits, teacher_logits)
@@ -205,7 +213,9 @@ def kd_loss(
     hard = reduce_positions(hard_pos, valid, reduction, normalizer)
     if isinstance(scale, torch.Tensor) and scale.dim():
         # A per-position temperature scales each position by its own T^2, before the reduction.
-        scaled_soft = reduce_positions(soft_pos * scale.expand_as(soft_pos), valid, reduction, normalizer)
+        scaled_soft = reduce_positions(
+            soft_pos * scale.expand_as(soft_pos), valid, reduction, normalizer
+        )
     else:
         scaled_soft = scale * soft
     total = (1.0 - alpha) * hard + alpha * scaled_soft
@@ -248,8 +258,27 @@ class DistillationLoss(torch.nn.Module):
     torch.Size([])
     """
 
-    def __init__(self, *, temperature, alpha, **kd_options) -> None:
+    def __init__(
+        self,
+        *,
+        temperature: float | Callable[[int], float] | torch.nn.Module,
+        alpha: float | Callable[[int], float],
+        **kd_options: Any,
+    ) -> None:
         super().__init__()
+        # Constants are validated now, schedules when evaluated (by kd_loss at every call).
+        if not callable(temperature):
+            _checks.check_temperature(temperature)
+        if not callable(alpha):
+            _checks.check_unit_interval(alpha, "alpha")
+        unknown = sorted(set(kd_options) - _KD_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"DistillationLoss got unknown kd_loss options {unknown}; valid options are: "
+                f"{', '.join(sorted(_KD_OPTIONS))}"
+            )
+        if "divergence" in kd_options:
+            _checks.check_divergence_name(kd_options["divergence"])
         if isinstance(temperature, torch.nn.Module):
             self.temperature_module = temperature
             self._temperature = None
@@ -259,21 +288,50 @@ class DistillationLoss(torch.nn.Module):
         self.alpha = alpha
         self.kd_options = kd_options
 
-    def current_temperature(self, step: int = 0, student_logits=None, teacher_logits=None):
+    def current_temperature(
+        self,
+        step: int = 0,
+        student_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> float | torch.Tensor:
         """The temperature in force at ``step``: a float, or a tensor for a learned one."""
         if self.temperature_module is not None:
-            return self.temperature_module(student_logits=student_logits, teacher_logits=teacher_logits, step=step)
+            return self.temperature_module(
+                student_logits=student_logits, teacher_logits=teacher_logits, step=step
+            )
         return _value_at(self._temperature, step)
 
     def current_alpha(self, step: int = 0) -> float:
         return _value_at(self.alpha, step)
 
-    def forward(self, student_logits, teacher_logits, labels=None, *, step: int = 0, **overrides) -> KDLoss:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        step: int = 0,
+        **overrides: Any,
+    ) -> KDLoss:
         temperature = self.current_temperature(step, student_logits, teacher_logits)
         options = {**self.kd_options, **overrides}
         return kd_loss(
-            student_logits, teacher_logits, labels, temperature=temperature, alpha=self.current_alpha(step), **options
+            student_logits,
+            teacher_logits,
+            labels,
+            temperature=temperature,
+            alpha=self.current_alpha(step),
+            **options,
         )
+
+
+_KD_OPTIONS = frozenset(inspect.signature(kd_loss).parameters) - {
+    "student_logits",
+    "teacher_logits",
+    "labels",
+    "temperature",
+    "alpha",
+}
 
 
 def _value_at(value, step: int):

@@ -53,7 +53,9 @@ def reduce_positions(
         if isinstance(normalizer, torch.Tensor):
             normalizer = normalizer.to(total.dtype)
         elif normalizer <= 0:
-            raise ValueError(f"normalizer must be > 0 (a global count of valid positions), got {normalizer!r}")
+            raise ValueError(
+                f"normalizer must be > 0 (a global count of valid positions), got {normalizer!r}"
+            )
         return total / normalizer
     if valid is None:
         return total / max(per_position.numel(), 1)
@@ -61,7 +63,9 @@ def reduce_positions(
     return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
-def count_valid(labels: torch.Tensor | None = None, mask: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+def count_valid(
+    labels: torch.Tensor | None = None, mask: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.Tensor:
     """Number of positions that count: ``mask`` is True and ``labels != ignore_index``.
 
     Sum this over micro-batches (and processes, with an all-reduce) to get the ``normalizer``.
