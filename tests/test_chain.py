@@ -57,7 +57,12 @@ def test_chain_rejects_bad_students():
 
 def test_chain_from_config(tmp_path: Path, capsys):
     config = {
-        "teacher": {"name": "cli_helpers:tiny_model", "args": {"width": 16}, "train_steps": 10},
+        "teacher": {
+            "name": "cli_helpers:tiny_model",
+            "args": {"width": 16},
+            "train_steps": 10,
+            "dtype": "float32",
+        },
         "stages": [
             {"name": "cli_helpers:tiny_model", "args": {"width": 8}},
             {"name": "cli_helpers:tiny_model", "args": {"width": 4}},

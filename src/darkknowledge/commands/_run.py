@@ -62,6 +62,8 @@ def _fit(
     )
     if max_steps is not None:
         kwargs["max_steps"] = max_steps
+    if teacher is not None:
+        kwargs["teacher_dtype"] = config.teacher.dtype
     distiller = Distiller(model, teacher, train_loader, eval_data=eval_loader, task=task, **kwargs)
     result = distiller.fit()
     return distiller, result

@@ -95,6 +95,11 @@ class TeacherConfig(ModelConfig):
         integer(at_least=0),
         "without a checkpoint: train the teacher from labels for this many steps first (0: use as is)",
     )
+    dtype: str | None = field_(
+        None,
+        optional(choice("float32", "bfloat16", "float16")),
+        "dtype the teacher runs in while it teaches, every teacher of a chain (null: as built)",
+    )
 
 
 @dataclass(frozen=True)
