@@ -94,25 +94,14 @@ class Distiller:
     ) -> None:
         self.task = task if task is not None else ClassificationTask()
         loss_options = dict(loss_options or {})
-        validate_arguments(locals())
-        self.max_steps, self.grad_accum_steps, self.max_grad_norm = (
-            max_steps,
-            grad_accum_steps,
-            max_grad_norm,
-        )
-        self.eval_data, self.eval_every, self.save_every, self.log_every = (
-            eval_data,
-            eval_every,
-            save_every,
-            log_every,
-        )
+        validate_arguments({**locals(), "task": self.task})
+        self.max_steps, self.grad_accum_steps = max_steps, grad_accum_steps
+        self.max_grad_norm, self.learning_rate = max_grad_norm, learning_rate
+        self.eval_data, self.eval_every = eval_data, eval_every
+        self.save_every, self.log_every = save_every, log_every
         self.output_dir = None if output_dir is None else Path(output_dir)
-        self.progress, self.callbacks, self.student_config = (
-            progress,
-            tuple(callbacks),
-            student_config,
-        )
-        self.learning_rate = learning_rate
+        self.progress, self.callbacks = progress, tuple(callbacks)
+        self.student_config = student_config
         self.alpha = 0.0 if teacher is None else alpha  # no teacher: labels only, the baseline
 
         set_seed(seed)  # python, numpy, torch, CUDA; also the seed of the data sampler below
@@ -122,13 +111,17 @@ class Distiller:
             if teacher is None
             else freeze_teacher(teacher, teacher_dtype, teacher_device or accelerator.device)
         )
-        temperature_module = temperature if isinstance(temperature, torch.nn.Module) else None
+        learned = isinstance(temperature, torch.nn.Module) and teacher is not None
+        temperature_module = temperature if learned else None  # without a teacher: no soft term
         optimizer = build_optimizer(
             optimizer, student, temperature_module, learning_rate, weight_decay
         )
         # The teacher is not prepared: DDP would wrap it and all-reduce nothing, FSDP shard it.
         prepared = accelerator.prepare(
-            student, optimizer, train_data, *([temperature_module] if temperature_module else [])
+            student,
+            optimizer,
+            train_data,
+            *([temperature_module] if temperature_module is not None else []),
         )
         self.student, self.optimizer, self.train_data = prepared[:3]
         self.temperature_module = prepared[3] if temperature_module is not None else None
