@@ -176,3 +176,28 @@ def test_valid_positions_and_count_valid_combine_labels_and_mask():
     assert int(count_valid(labels, ignore_index=2)) == 5
     with pytest.raises(ValueError, match="count_valid needs labels or mask"):
         count_valid()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_an_ignored_position_whose_logits_are_all_minus_inf_leaks_no_nan(divergence):
+    student, teacher = logits(3, 5, seed=1), logits(3, 5, seed=2)
+    student[1], teacher[1] = float("-inf"), float("-inf")  # e.g. a padding position
+    student.requires_grad_(True)
+    labels = torch.tensor([0, -100, 2])
+    for temperature in (1.0, 2.0):
+        student.grad = None
+        out = dk.kd_loss(
+            student, teacher, labels, temperature=temperature, alpha=0.5, divergence=divergence
+        )
+        out.total.backward()
+        assert all(torch.isfinite(x) for x in out)
+        assert torch.isfinite(student.grad).all() and (student.grad[1] == 0).all()
+        kept = dk.kd_loss(
+            student[[0, 2]],
+            teacher[[0, 2]],
+            labels[[0, 2]],
+            temperature=temperature,
+            alpha=0.5,
+            divergence=divergence,
+        )
+        torch.testing.assert_close(out.total, kept.total)

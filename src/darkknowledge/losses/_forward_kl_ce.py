@@ -3,7 +3,7 @@
 This is the default objective (``divergence="forward_kl"``, no standardisation, no DKD, a
 temperature without gradient), and the one that runs at vocabulary scale, so it is worth doing
 with as few full ``(..., C)`` passes and buffers as possible. Written from the logits ``s, t``
-and ``s' = s / T``, ``t' = t / T`` (after clamping -inf to ``NEG_LARGE``, as ``soften`` does):
+and ``s' = s / T``, ``t' = t / T``; -inf logits (masked classes) get probability 0:
 
     KL(p ‖ q) = Σ_c p_c (t'_c − s'_c) + lse(s') − lse(t')          (because Σ_c p_c = 1)
     CE(s, y)  = lse(s) − s_y
@@ -25,14 +25,12 @@ from .transforms import compute_dtype
 def _scaled(
     logits: torch.Tensor, temperature: float | torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
-    """A fresh ``(..., C)`` buffer with ``max(logits, NEG_LARGE) / T`` in ``dtype``."""
+    """A fresh ``(..., C)`` buffer with ``logits / T`` in ``dtype`` (-inf stays -inf)."""
+    if not isinstance(temperature, torch.Tensor) and temperature == 1.0:
+        return logits.to(dtype, copy=True)
     if logits.dtype == dtype:
-        out = torch.clamp_min(logits, NEG_LARGE)  # one pass, and the copy we need anyway
-    else:
-        out = logits.to(dtype).clamp_min_(NEG_LARGE)
-    if isinstance(temperature, torch.Tensor) or temperature != 1.0:
-        out.div_(temperature)
-    return out
+        return logits / temperature  # one pass, and the copy we need anyway
+    return logits.to(dtype).div_(temperature)
 
 
 def _rows_per_chunk(logits: torch.Tensor) -> int:
@@ -48,10 +46,15 @@ _CHUNK_ELEMENTS_CUDA = 1 << 25
 
 
 def _exp_in_place(scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Turn the finite ``(n, C)`` buffer ``x`` into ``exp(x − max x)`` in place; return
-    ``(logsumexp(x), Σ exp(x − max x))``, both ``(n, 1)``."""
-    top = scaled.amax(dim=-1, keepdim=True)
-    total = scaled.sub_(top).exp_().sum(dim=-1, keepdim=True)
+    """Turn the ``(n, C)`` buffer ``x`` into ``exp(x − max x)`` in place; return
+    ``(logsumexp(x), Σ exp(x − max x))``, both ``(n, 1)``.
+
+    -inf entries become 0. A row of only -inf (or values below ``NEG_LARGE``) gets
+    logsumexp ``NEG_LARGE`` and sum 1 instead of -inf and 0, so that nothing downstream is NaN.
+    """
+    top = scaled.amax(dim=-1, keepdim=True).clamp_min_(NEG_LARGE)
+    # >= 1 whenever the row's max is above NEG_LARGE: its own entry is exp(0) = 1.
+    total = scaled.sub_(top).exp_().sum(dim=-1, keepdim=True).clamp_min_(1.0)
     return top + total.log(), total
 
 
@@ -60,7 +63,10 @@ def _forward_block(student, teacher, labels, temperature, dtype):
     unit_temperature = not isinstance(temperature, torch.Tensor) and temperature == 1.0
     scaled_teacher = _scaled(teacher, temperature, dtype)  # t'
     scaled_student = _scaled(student, temperature, dtype)  # s'
-    difference = scaled_student - scaled_teacher  # finite: both were clamped
+    difference = scaled_student - scaled_teacher
+    # -inf − -inf = NaN and x − -inf = inf sit where the teacher's p is 0: make them 0 so that
+    # 0 · them is 0. Where only the student has -inf, -inf stays: KL(p ‖ q) is +inf there.
+    difference.nan_to_num_(nan=0.0, posinf=0.0, neginf=float("-inf"))
     lse_teacher, teacher_sum = _exp_in_place(scaled_teacher)  # now exp(t' − max t')
     lse_student, _ = _exp_in_place(scaled_student)
     # Σ p (s' − t') with p = exp(t' − max) / Σ exp(t' − max): one exp pass per side in all.
