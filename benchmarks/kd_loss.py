@@ -47,9 +47,17 @@ def _peak_rss_bytes() -> int:
 
 
 def _run_case(
-    case: str, rows: int, classes: int, dtype: str, device: str, temperature: float, alpha: float
+    case: str,
+    rows: int,
+    classes: int,
+    dtype: str,
+    device: str,
+    temperature: float,
+    alpha: float,
+    inner: int = 1,
 ) -> dict:
-    """One forward+backward of one case, in this (fresh) process."""
+    """Forward+backward of one case, in this (fresh) process: one warm-up, then ``inner``
+    timed runs (their median is this process's time)."""
     import torch
     import torch.nn.functional as F
 
@@ -84,12 +92,16 @@ def _run_case(
         # ru_maxrss cannot be reset; the inputs were created above, so any peak above the current
         # RSS belongs to the loss. Record the peak so far to check that assumption.
         pre_peak = _peak_rss_bytes()
-    start = time.perf_counter()
-    loss = fn()
-    loss.backward()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    times = []
+    for _ in range(inner):
+        student.grad = None
+        start = time.perf_counter()
+        loss = fn()
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    elapsed = statistics.median(times)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
     else:
@@ -101,7 +113,7 @@ def _spawn(case: str, args: argparse.Namespace) -> dict:
     cmd = [
         sys.executable, __file__, "--_case", case, "--rows", str(args.rows), "--classes",
         str(args.classes), "--dtype", args.dtype, "--device", args.device, "--temperature",
-        str(args.temperature), "--alpha", str(args.alpha),
+        str(args.temperature), "--alpha", str(args.alpha), "--inner", str(args.inner),
     ]  # fmt: skip
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved runs of each case")
+    parser.add_argument("--inner", type=int, default=1, help="timed runs per subprocess (median)")
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--output", type=Path, default=RESULTS, help="markdown file to (over)write")
@@ -175,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{command.strip()}`",
         f"- Shape: {args.rows} rows x {args.classes} classes, {args.dtype}, T={args.temperature}, "
         f"alpha={args.alpha}, no ignored labels (so both compute the same number); {args.repeats} interleaved repeats, each "
-        f"case in its own subprocess; median time; peak memory is {memory_kind} above the inputs.",
+        f"case in its own subprocess (one warm-up, then the median of {args.inner} timed run(s)); median over "
+        f"repeats; peak memory is {memory_kind} above the inputs (logits, labels).",
         f"- Loss values: baseline {losses['baseline']:.6f}, kd_loss {losses['kd_loss']:.6f}",
         "",
         "| case | median time (s) | all times (s) | peak memory (GiB) |",
