@@ -78,7 +78,7 @@ class TransferSetTask(ClassificationTask):
             return TaskOutput(loss)
         soft_norm, hard_norm = signal_grad_norms(loss, alpha, logits)
         if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach().float().mean())
+            temperature = temperature.detach().float().mean()  # read by the Distiller later
         return TaskOutput(loss, soft_norm, hard_norm, temperature)
 
 
