@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             args.temperature,
             args.alpha,
+            args.inner,
         )
         print(json.dumps(result))
         return 0
