@@ -118,3 +118,9 @@ def test_logit_transform_reads_config_attributes_not_names():
 def test_output_layer_rejects_non_language_models():
     with pytest.raises(TypeError, match="get_output_embeddings"):
         output_layer(torch.nn.Linear(3, 3))
+
+
+def test_last_hidden_states_rejects_a_model_without_output_layer(make_gpt2):
+    backbone = make_gpt2().transformer  # GPT2Model: no LM head
+    with pytest.raises(ValueError, match="no output layer"):
+        last_hidden_states(backbone, torch.zeros(1, 3, dtype=torch.long))

@@ -59,16 +59,7 @@ def output_layer(model: nn.Module) -> OutputLayer:
     (True, None, 1.0, None)
     """
     model = unwrap_model(model)
-    if not hasattr(model, "get_output_embeddings"):
-        raise TypeError(
-            f"model must be a Hugging Face causal LM with get_output_embeddings(), got {type(model).__name__}"
-        )
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ValueError(
-            f"{type(model).__name__}.get_output_embeddings() is None: the model has no output layer"
-        )
-    weight, bias = _effective_linear(head)
+    weight, bias = _effective_linear(_output_module(model))
     scale, softcap = logit_transform(model.config)
     return OutputLayer(weight, bias, scale, softcap)
 
@@ -110,7 +101,7 @@ def last_hidden_states(
     output layer is skipped: during the call it records its input and returns an empty
     ``(B, T, 0)`` tensor instead of the ``(B, T, V)`` logits.
     """
-    head = unwrap_model(model).get_output_embeddings()
+    head = _output_module(unwrap_model(model))
     with _capture_input(head) as captured:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     if not captured:
@@ -118,6 +109,22 @@ def last_hidden_states(
             f"the output layer of {type(unwrap_model(model)).__name__} was not called by its forward"
         )
     return captured[-1]
+
+
+def _output_module(model: nn.Module) -> nn.Module:
+    """The output layer module of an unwrapped Hugging Face causal LM."""
+    if not hasattr(model, "get_output_embeddings"):
+        raise TypeError(
+            "model must be a Hugging Face causal LM with get_output_embeddings() (FSDP and other "
+            f"sharding wrappers are not supported), got {type(model).__name__}"
+        )
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__}.get_output_embeddings() is None: the model has no output layer "
+            "(use an AutoModelForCausalLM, not the bare transformer)"
+        )
+    return head
 
 
 @contextlib.contextmanager
