@@ -58,8 +58,9 @@ def schedule_or_number(
             message = error.args[0] if error.args else error
             errors.append(f"{path}: bad schedule {dict(value)!r}: {message}")
             return INVALID
-        last = value.get("steps", 0) if isinstance(value.get("steps"), int) else 0
-        for step in sorted({0, last}):
+        # Check the start and the end (a schedule holds its end value afterwards).
+        ends = [value.get(key) for key in ("steps", "total_steps", "warmup_steps")]
+        for step in sorted({0, *(n for n in ends if isinstance(n, int) and n > 0)}):
             if plain(schedule(step), f"{path} (at step {step})", errors) is INVALID:
                 return INVALID
         return freeze(value)
