@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-WORKER = Path(__file__).with_name("ddp_worker.py")
+WORKER = Path(__file__).with_name("lm_ddp_worker.py")
 
 
 def test_two_process_gloo_distillation_matches_one_process(tmp_path, make_gpt2):
@@ -28,7 +28,7 @@ def test_two_process_gloo_distillation_matches_one_process(tmp_path, make_gpt2):
 
     sys.path.insert(0, str(WORKER.parent))
     try:
-        from ddp_worker import train
+        from lm_ddp_worker import train
     finally:
         sys.path.remove(str(WORKER.parent))
     one = train(rank=0, world_size=1)

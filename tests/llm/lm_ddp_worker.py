@@ -1,6 +1,6 @@
 """Causal-LM distillation with dk.Distiller, run by torchrun (2 processes) or directly (1).
 
-Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT``.
+Usage: ``python -m torch.distributed.run --standalone --nproc_per_node 2 lm_ddp_worker.py OUT``.
 The global batch of every micro-step has 4 rows with different amounts of padding; process r
 takes rows r, r + W, ...; rank 0 writes the student's parameters to OUT (safetensors).
 """
