@@ -70,7 +70,10 @@ def test_config_unknown_key_names_path_and_suggests(raw, path, hint):
             "distill.temperature",
         ),
         ({"data": []}, "data"),
-        ({"distill": {"learnable_temperature": {"initial": 30.0}}}, "distill.learnable_temperature.initial"),
+        (
+            {"distill": {"learnable_temperature": {"initial": 30.0}}},
+            "distill.learnable_temperature.initial",
+        ),
     ],
 )
 def test_config_bad_value_names_field(raw, path):
