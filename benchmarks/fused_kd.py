@@ -8,7 +8,7 @@ states and output weight; the teacher gets none):
 - ``naive``: full ``(N, V)`` logits, ``log_softmax``, ``kl_div(batchmean)``, ``cross_entropy``;
 - ``liger``: Liger Kernel's ``LigerFusedLinearJSDLoss(beta=0)`` (forward KL). Liger applies no
   T², so it gets ``weight_soft_loss = alpha·T²`` and ``weight_hard_loss = 1 - alpha``;
-- ``fused``: ``dk.fused_linear_kd_loss``;
+- ``fused``: ``dk.fused_linear_kd_loss``; ``fused_compile`` the same with ``compile=True``;
 - ``roofline``: the matrix products alone (student and teacher logits, then the hidden and
   weight gradients), chunked like ``fused``: what the loss costs without its softmax work.
 
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 
-CASES = ("naive", "liger", "fused", "roofline")
+CASES = ("naive", "liger", "fused", "fused_compile", "roofline")
 # Run from a checkout without installing the package (e.g. on a GPU box with its own torch).
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src"))
 
@@ -91,12 +91,14 @@ def _make_step(case: str, inputs: dict, args: argparse.Namespace, chunk_size: in
             loss.backward()
             return loss.item()
 
-    elif case == "fused":
+    elif case in ("fused", "fused_compile"):
+        compile = case == "fused_compile"
 
         def step():
             loss = dk.fused_linear_kd_loss(
-                hs, ws, ht, wt, labels, temperature=temperature, alpha=alpha, chunk_size=chunk_size
-            )
+                hs, ws, ht, wt, labels, temperature=temperature, alpha=alpha, chunk_size=chunk_size,
+                compile=compile,
+            )  # fmt: skip
             loss.total.backward()
             return loss.total.item()
 

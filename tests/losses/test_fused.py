@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import pytest
@@ -160,6 +161,20 @@ def test_fused_linear_kd_loss_under_autocast_runs_products_in_autocast_dtype():
     torch.testing.assert_close(loss.total, expected.total)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name].float(), msg=name)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("DK_SLOW_TESTS"), reason="torch.compile traces kd_loss for about a minute"
+)
+def test_fused_linear_kd_loss_compiled_matches_eager():
+    inputs = make_inputs(dtype=torch.float32, vocab=300)
+    for temperature in (2.0, 3.0):  # a new temperature must not change the compiled result
+        options = dict(temperature=temperature, alpha=0.8, chunk_size=4)
+        compiled_loss, compiled_grads = fused(inputs, compile="aot_eager", **options)
+        loss, grads = fused(inputs, **options)
+        torch.testing.assert_close(compiled_loss.total, loss.total)
+        for name, grad in grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, msg=name)
 
 
 def test_fused_linear_kd_loss_logit_scale_and_softcap():
@@ -399,3 +414,5 @@ def test_fused_linear_kd_loss_rejects_bad_shapes_and_options():
         call(dict(inputs, student_weight=inputs["student_weight"].float()))
     with pytest.raises(ValueError, match="divergence"):
         call(inputs, divergence="kl")
+    with pytest.raises(TypeError, match="compile"):
+        call(inputs, compile=1)

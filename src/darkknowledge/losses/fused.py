@@ -14,6 +14,7 @@ and a naive loss keeps several copies for its backward.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -66,6 +67,7 @@ class _ChunkedKD:
     labels: torch.Tensor | None  # (N,)
     kd_options: dict
     chunk_size: int
+    compile: bool | str = False
 
     def run(
         self,
@@ -104,12 +106,13 @@ class _ChunkedKD:
                 # The gradient is taken with respect to the pre-activation logits in float32:
                 # the matrix products below then give the hidden, weight and bias gradients.
                 pre = upcast(pre).requires_grad_(need_logits)
-                part = kd_loss(
-                    self.student.finish(pre),
+                part = (_compiled_chunk_loss(self.compile) if self.compile else _chunk_loss)(
+                    self.student,
+                    pre,
                     teacher_logits,
                     None if self.labels is None else self.labels[rows],
-                    temperature=temperature[rows] if per_position_t else temperature,
-                    **self.kd_options,
+                    temperature[rows] if per_position_t else temperature,
+                    self.kd_options,
                 )
                 inputs = [
                     t for t, need in ((pre, need_logits), (temperature, need_temperature)) if need
@@ -137,6 +140,18 @@ class _ChunkedKD:
 
         total, soft, hard = parts.unbind()
         return total, soft, hard, [grad_hidden, grad_weight, grad_bias, grad_temperature]
+
+
+def _chunk_loss(student: _Head, pre, teacher_logits, labels, temperature, kd_options) -> KDLoss:
+    """kd_loss on one chunk of logits: the step that ``compile=True`` hands to torch.compile."""
+    logits = student.finish(pre)
+    return kd_loss(logits, teacher_logits, labels, temperature=temperature, **kd_options)
+
+
+@functools.cache
+def _compiled_chunk_loss(backend: bool | str):
+    # One compiled function per backend: its graphs are cached per shape and option set.
+    return torch.compile(_chunk_loss, backend="inductor" if backend is True else backend)
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -198,6 +213,7 @@ def fused_linear_kd_loss(
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
     vocab_size: int | None = None,
+    compile: bool | str = False,
 ) -> KDLoss:
     """:func:`darkknowledge.kd_loss` on ``h Wᵀ + b``, never holding the ``(N, V)`` logits.
 
@@ -224,6 +240,12 @@ def fused_linear_kd_loss(
         vocab_size: the real vocabulary when the two output layers differ only by padding
             rows; both weights (and biases) are cut to their first ``vocab_size`` rows. Needed
             when ``V_s != V_t``; the padding rows of the student get a zero gradient.
+        compile: run each chunk's loss through ``torch.compile``: its softmax and divergence
+            passes fuse into a few loops (about 3x faster on CPU, where they otherwise cost
+            about as much as the matrix products). The first call compiles (a minute); so does
+            a new shape or a new ``alpha``. A float temperature or normalizer is turned into a
+            tensor so that schedules do not recompile. Needs a C++ compiler on CPU. A string
+            names another ``torch.compile`` backend (``"aot_eager"`` to debug).
 
     Returns:
         ``KDLoss(total, soft, hard)``, each ``()``. Only ``total`` carries a gradient.
@@ -260,6 +282,8 @@ def fused_linear_kd_loss(
             "student_hidden and teacher_hidden must have the same leading (token) shape, got "
             f"{tuple(student_hidden.shape)} and {tuple(teacher_hidden.shape)}"
         )
+    if not isinstance(compile, bool | str):
+        raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got chunk_size={chunk_size!r}")
     if reduction not in ("mean", "sum"):
@@ -303,6 +327,17 @@ def fused_linear_kd_loss(
         # mean; the clamp keeps an all-masked batch at 0 (as reduce_positions does).
         valid = valid_positions(labels, None, ignore_index)
         normalizer = max(num_rows, 1) if valid is None else valid.sum().clamp_min(1)
+    if compile:
+        # Tensors, not Python floats, so that a value that changes every step is not baked
+        # into the compiled graph (which would recompile at each step).
+        if normalizer is not None and not isinstance(normalizer, torch.Tensor):
+            if normalizer <= 0:
+                raise ValueError(
+                    f"normalizer must be > 0 (a global count of valid positions), got {normalizer!r}"
+                )
+            normalizer = torch.tensor(float(normalizer), device=hidden.device)
+        if not isinstance(temperature, torch.Tensor):
+            temperature = torch.tensor(float(temperature), device=hidden.device)
     kd_options = {
         "alpha": alpha,
         "divergence": divergence,
@@ -320,6 +355,7 @@ def fused_linear_kd_loss(
         labels=labels,
         kd_options=kd_options,
         chunk_size=chunk_size,
+        compile=compile,
     )
     t_tensor = temperature if isinstance(temperature, torch.Tensor) else None
     differentiable = [hidden, student_weight, student_bias, t_tensor]
