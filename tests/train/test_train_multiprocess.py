@@ -25,7 +25,7 @@ def test_distiller_two_processes_match_one(tmp_path):
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone", str(HERE / "ddp_worker.py"), str(tmp_path),
+        "--standalone", str(HERE / "train_ddp_worker.py"), str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]

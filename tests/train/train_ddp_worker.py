@@ -1,6 +1,6 @@
 """Run by ``torchrun --nproc_per_node 2`` from test_train_multiprocess.py (CPU, gloo).
 
-Usage: ddp_worker.py OUTPUT_DIR. Trains 4 steps and saves, then resumes to 6 steps in a new
+Usage: train_ddp_worker.py OUTPUT_DIR. Trains 4 steps and saves, then resumes to 6 steps in a new
 Distiller, then exports the student to OUTPUT_DIR/student.
 """
 
@@ -10,8 +10,6 @@ import torch
 from trainkit import loader, mlp, points, teacher_mlp
 
 import darkknowledge as dk
-
-torch.set_num_threads(1)
 
 
 def distiller(output_dir, max_steps, batch_size):
@@ -23,6 +21,7 @@ def distiller(output_dir, max_steps, batch_size):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     output_dir = sys.argv[1]
     first = distiller(output_dir, 4, 16)
     assert first.accelerator.num_processes == 2, first.accelerator.state
