@@ -235,3 +235,24 @@ def test_distiller_rejects_one_shot_iterators_and_shared_teacher():
     student = mlp(0)
     with pytest.raises(ValueError, match="share parameters"):
         dk.Distiller(student, student, batches, max_steps=1)
+
+
+def test_distiller_export_student_loads_back_as_a_hugging_face_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=32,
+        n_head=2,
+        vocab_size=50,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config)  # tied input/output embeddings
+    batches = [(torch.zeros(1), torch.zeros(1, dtype=torch.long))]
+    distiller = dk.Distiller(model, None, batches, max_steps=1, progress=False)
+    path = distiller.export_student(tmp_path / "student")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert type(loaded) is type(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
