@@ -5,9 +5,11 @@ For ``total = (1 - alpha)·hard + alpha·scale·soft`` the meter reports
     hard_grad_norm = ‖∂[(1 - alpha)·hard] / ∂z‖₂,    soft_grad_norm = ‖∂[total - (1 - alpha)·hard] / ∂z‖₂
 
 where ``z`` are the student logits. The soft part is taken as ``total - hard part`` so that it is
-right for a tensor (per-sample, learned) temperature too. The gradients are taken with
-``torch.autograd.grad(..., retain_graph=True)`` and never touch ``.grad``; the Distiller asks for
-them only on log steps, because each costs a backward pass through the loss head.
+right for a tensor (per-sample, learned) temperature too. It costs one extra backward pass
+through the loss (not the model): the hard part's gradient is taken at once with
+``torch.autograd.grad(..., retain_graph=True)``, and the total gradient is read by a hook during
+the training step's own backward pass, which computes it anyway. The Distiller asks for the
+meter on log steps only.
 """
 
 from __future__ import annotations
@@ -23,23 +25,38 @@ def signal_grad_norms(
     loss: KDLoss, alpha: float, logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(soft_grad_norm, hard_grad_norm)`` of one micro-batch's loss at the student ``logits``,
-    as 0-dim float32 tensors (no host sync: the Distiller reads them when they are ready).
+    as 0-dim float32 tensors. ``hard_grad_norm`` is ready at once; ``soft_grad_norm`` is filled
+    in when ``loss.total`` (or a multiple of it, e.g. by an fp16 grad scaler) is backpropagated.
+    No host sync: the Distiller reads both after the step.
 
     >>> import torch, darkknowledge as dk
     >>> z = torch.randn(4, 3, requires_grad=True)
     >>> loss = dk.kd_loss(z, torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), temperature=2.0, alpha=1.0)
     >>> soft, hard = signal_grad_norms(loss, 1.0, z)
-    >>> bool(soft > 0), float(hard)
+    >>> (1000.0 * loss.total).backward()  # a scaled backward pass, as with a grad scaler
+    >>> bool(torch.isclose(soft, torch.linalg.vector_norm(z.grad / 1000.0))), float(hard)
     (True, 0.0)
     """
-    (total_grad,) = torch.autograd.grad(loss.total, logits, retain_graph=True)
     if alpha >= 1.0 or not loss.hard.requires_grad:
-        hard_grad = torch.zeros_like(total_grad)
+        hard_grad = None
+        hard_norm = torch.zeros((), dtype=torch.float32, device=logits.device)
     else:
         (hard_grad,) = torch.autograd.grad((1.0 - alpha) * loss.hard, logits, retain_graph=True)
-    soft_norm = torch.linalg.vector_norm((total_grad - hard_grad).float())
-    hard_norm = torch.linalg.vector_norm(hard_grad.float())
-    return soft_norm.detach(), hard_norm.detach()
+        hard_norm = torch.linalg.vector_norm(hard_grad.float())
+    soft_norm = torch.zeros((), dtype=torch.float32, device=logits.device)
+    upstream = {}
+
+    def on_total(grad: torch.Tensor) -> None:  # ∂(what is backpropagated)/∂total: 1, or a scale
+        upstream["scale"] = grad.detach().float()
+
+    def on_logits(grad: torch.Tensor) -> None:  # the total gradient at the logits, times that scale
+        total_grad = grad.detach().float() / upstream.get("scale", 1.0)
+        soft_grad = total_grad if hard_grad is None else total_grad - hard_grad.float()
+        soft_norm.copy_(torch.linalg.vector_norm(soft_grad))
+
+    loss.total.register_hook(on_total)
+    logits.register_hook(on_logits)
+    return soft_norm, hard_norm.detach()
 
 
 def combine_grad_norms(
