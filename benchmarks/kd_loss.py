@@ -66,8 +66,9 @@ def _run_case(
     torch.manual_seed(0)
     cuda = device.startswith("cuda")
     dt = getattr(torch, dtype)
-    student = (3 * torch.randn(rows, classes, device=device)).to(dt).requires_grad_(True)
-    teacher = (3 * torch.randn(rows, classes, device=device)).to(dt)
+    # In place (mul_), so that making the inputs leaves no peak above them.
+    student = torch.randn(rows, classes, device=device).mul_(3).to(dt).requires_grad_(True)
+    teacher = torch.randn(rows, classes, device=device).mul_(3).to(dt)
     labels = torch.randint(classes, (rows,), device=device)
 
     def baseline():
@@ -81,17 +82,16 @@ def _run_case(
         return dk.kd_loss(student, teacher, labels, temperature=temperature, alpha=alpha).total
 
     fn = baseline if case == "baseline" else ours
-    fn().backward()  # warm-up: one-time initialisation is not what we measure
-    student.grad = None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
     else:
+        # ru_maxrss cannot be reset: the peak over the warm-up and timed runs, minus the RSS
+        # holding the inputs. Check that making the inputs did not leave a higher peak.
         base_mem = _rss_bytes()
-        # ru_maxrss cannot be reset; the inputs were created above, so any peak above the current
-        # RSS belongs to the loss. Record the peak so far to check that assumption.
         pre_peak = _peak_rss_bytes()
+    fn().backward()  # warm-up: one-time initialisation is not what we measure (same peak)
     times = []
     for _ in range(inner):
         student.grad = None
@@ -105,7 +105,9 @@ def _run_case(
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
     else:
-        peak = max(_peak_rss_bytes() - base_mem, 0) if _peak_rss_bytes() > pre_peak else 0
+        peak = _peak_rss_bytes() - base_mem
+        if _peak_rss_bytes() <= pre_peak:
+            raise RuntimeError("the inputs' own peak hides the loss's peak; measure differently")
     return {"case": case, "seconds": elapsed, "peak_bytes": peak, "loss": float(loss)}
 
 
