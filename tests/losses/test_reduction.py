@@ -201,3 +201,17 @@ def test_an_ignored_position_whose_logits_are_all_minus_inf_leaks_no_nan(diverge
             divergence=divergence,
         )
         torch.testing.assert_close(out.total, kept.total)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_student_minus_inf_where_the_teacher_probability_underflows_leaks_no_nan(divergence):
+    """The student masks a class to which the teacher gives a probability that rounds to 0."""
+    student, teacher = logits(2, 6, seed=1), logits(2, 6, seed=2)
+    student[:, 3] = float("-inf")
+    teacher[:, 3] = -500.0  # exp(-500) is 0 in float32
+    student.requires_grad_(True)
+    out = dk.kd_loss(
+        student, teacher, torch.tensor([0, 1]), temperature=1.0, alpha=0.5, divergence=divergence
+    )
+    out.total.backward()
+    assert all(torch.isfinite(x) for x in out) and torch.isfinite(student.grad).all()

@@ -65,8 +65,9 @@ def _forward_block(student, teacher, labels, temperature, dtype):
     scaled_student = _scaled(student, temperature, dtype)  # s'
     difference = scaled_student - scaled_teacher
     # -inf − -inf = NaN and x − -inf = inf sit where the teacher's p is 0: make them 0 so that
-    # 0 · them is 0. Where only the student has -inf, -inf stays: KL(p ‖ q) is +inf there.
-    difference.nan_to_num_(nan=0.0, posinf=0.0, neginf=float("-inf"))
+    # 0 · them is 0. Where only the student has -inf, -inf becomes NEG_LARGE: a huge but finite
+    # KL (as in soften), and 0 rather than NaN if the teacher's p underflowed to 0 there.
+    difference.nan_to_num_(nan=0.0, posinf=0.0, neginf=NEG_LARGE)
     lse_teacher, teacher_sum = _exp_in_place(scaled_teacher)  # now exp(t' − max t')
     lse_student, _ = _exp_in_place(scaled_student)
     # Σ p (s' − t') with p = exp(t' − max) / Σ exp(t' − max): one exp pass per side in all.

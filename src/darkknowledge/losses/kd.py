@@ -187,7 +187,7 @@ def kd_loss(
     safe_labels = None if labels is None else labels.masked_fill(labels == ignore_index, 0)
 
     if _fast_path(divergence, standardize, dkd_weights, temperature):
-        # The default objective, with one pass over the logits and no full-size saved tensors.
+        # The default objective: blocks of rows, no (..., C) tensor kept for backward.
         fast_temperature = temperature
         if isinstance(temperature, torch.Tensor):
             fast_temperature = temperature.to(compute_dtype(student_logits.dtype)).unsqueeze(-1)
