@@ -396,3 +396,29 @@ def test_distillation_loss_calls_a_temperature_module_with_logits_and_step():
     torch.testing.assert_close(
         got.total, dk.kd_loss(student, teacher, labels, temperature=3.0, alpha=0.5).total
     )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_kd_loss_with_masked_vocabulary_equals_the_sliced_vocabulary(divergence, temperature):
+    """Padded vocabulary rows (-inf in both) change nothing: values and gradients as without."""
+    student, teacher, labels = (
+        logits(5, 4, 12, seed=1),
+        logits(5, 4, 12, seed=2),
+        _labels((5, 4), 9),
+    )
+    padded_s = student.clone()
+    padded_s[..., 9:] = float("-inf")
+    padded_s.requires_grad_(True)
+    padded_t = teacher.clone()
+    padded_t[..., 9:] = float("-inf")
+    sliced_s = student[..., :9].clone().requires_grad_(True)
+    options = {"temperature": temperature, "alpha": 0.6, "divergence": divergence}
+    padded = dk.kd_loss(padded_s, padded_t, labels, **options)
+    padded.total.backward()
+    sliced = dk.kd_loss(sliced_s, teacher[..., :9], labels, **options)
+    sliced.total.backward()
+    for a, b in zip(padded, sliced):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(padded_s.grad[..., :9], sliced_s.grad)
+    assert (padded_s.grad[..., 9:] == 0).all()
