@@ -70,5 +70,7 @@ def combine_grad_norms(
     """
     if not norms or any(n is None for n in norms):
         return None
+    if len(norms) == 1 and isinstance(norms[0], torch.Tensor):
+        return norms[0].float()
     stacked = torch.stack([torch.as_tensor(n, dtype=torch.float32, device=device) for n in norms])
     return stacked.square().sum().sqrt()
