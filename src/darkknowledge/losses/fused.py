@@ -27,9 +27,10 @@ from .reduction import Normalizer, valid_positions
 from .transforms import compute_dtype, upcast
 
 # Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md):
-# a chunk this size keeps the matrix products efficient while one chunk's float32 logits
-# (256 × 128,256 × 4 bytes = 131 MB) stay a small fraction of the naive loss's memory.
-DEFAULT_CHUNK_SIZE = 256
+# 128 and 256 rows take the same time within noise, and at 128 the loss's memory beyond its
+# inputs and gradients (a few float32 copies of 128 × 128,256 × 4 bytes = 66 MB) is about 6%
+# of the naive loss's, against about 9% at 256.
+DEFAULT_CHUNK_SIZE = 128
 
 
 @dataclass(frozen=True)
