@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -80,9 +80,11 @@ def validate_arguments(args: dict[str, Any]) -> None:
         raise ValueError(
             f"loss_options ignore_index={args['loss_options']['ignore_index']!r} differs from the task's {task_ignore!r}; set it on the task"
         )
-    if iter(args["train_data"]) is args["train_data"]:
+    if isinstance(args["train_data"], Iterator) or not isinstance(args["train_data"], Iterable):
+        kind = "a one-shot iterator" if isinstance(args["train_data"], Iterator) else "not iterable"
         raise TypeError(
-            "train_data must be re-iterable (a DataLoader or a list of batches), got a one-shot iterator"
+            "train_data must be re-iterable (a DataLoader or a list of batches), got "
+            f"{type(args['train_data']).__name__} ({kind})"
         )
     for name in ("student", "teacher"):
         if args[name] is not None and not isinstance(args[name], torch.nn.Module):
