@@ -185,21 +185,17 @@ def test_kd_loss_fast_path_equals_generic_path(temperature):
     "temperature", [1.0, 2.5, torch.tensor([[[0.7]], [[3.0]]], dtype=torch.float64)]
 )
 @pytest.mark.parametrize("with_labels", [True, False])
-def test_forward_kl_and_ce_function_passes_gradcheck(temperature, with_labels):
+def test_forward_kl_and_ce_function_passes_gradcheck(temperature, with_labels, monkeypatch):
     from darkknowledge.losses import _forward_kl_ce
 
+    monkeypatch.setattr(_forward_kl_ce, "_CHUNK_ELEMENTS", 12)  # two rows per block: 3 blocks
     student = logits(2, 3, 6, dtype=torch.float64, seed=1).requires_grad_(True)
     teacher = logits(2, 3, 6, dtype=torch.float64, seed=2)
     student.data[0, 0, 4] = teacher[0, 0, 4] = float("-inf")  # a masked vocabulary entry
     labels = torch.tensor([[0, 1, 2], [3, 4, 5]]) if with_labels else None
-    saved = _forward_kl_ce._CHUNK_ELEMENTS_CPU
-    _forward_kl_ce._CHUNK_ELEMENTS_CPU = 12  # two rows per block: several blocks
-    try:
-        assert torch.autograd.gradcheck(
-            lambda s: ForwardKLAndCE.apply(s, teacher, labels, temperature), (student,)
-        )
-    finally:
-        _forward_kl_ce._CHUNK_ELEMENTS_CPU = saved
+    assert torch.autograd.gradcheck(
+        lambda s: ForwardKLAndCE.apply(s, teacher, labels, temperature), (student,)
+    )
 
 
 def test_kd_loss_soft_gradient_is_q_minus_p_over_t():
