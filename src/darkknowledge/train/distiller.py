@@ -12,7 +12,6 @@ import contextlib
 import signal as signal_module
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,7 +25,7 @@ from ..losses import DistillationLoss
 from . import checkpoint as ckpt
 from .data import DataStream
 from .distributed import global_count_and_stop, reduce_sum, step_normalizer
-from .logging import MetricLogger
+from .logging import MetricLogger, PendingRecord, Throughput
 from .setup import (
     build_optimizer,
     freeze_teacher,
@@ -147,7 +146,7 @@ class Distiller:
             self._resume(logger)
         stream = DataStream(self.train_data, acc, epoch=self._epoch, index=self._batch_index)
         self._history, self._last_train, self._eval_metrics, self._eval_step = [], {}, None, None
-        self._window, self._peers_stop, self._pending = _Window(self.step), None, None
+        self._window, self._peers_stop, self._pending = Throughput(self.step), None, None
         self._logger = logger
         show = self.progress and acc.is_main_process and sys.stderr.isatty()
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not show)
@@ -173,7 +172,7 @@ class Distiller:
         )
         return TrainResult(self._history, final)
 
-    def train_step(self, stream: DataStream) -> _PendingRecord | None:
+    def train_step(self, stream: DataStream) -> PendingRecord | None:
         """One optimizer update over ``grad_accum_steps`` micro-batches; a record on log steps."""
         acc, k, step = self.accelerator, self.grad_accum_steps, self.step
         log_now = (step + 1) % self.log_every == 0
@@ -252,7 +251,7 @@ class Distiller:
 
     def _train_record(
         self, step: int, outputs: list, grad_norm, stream: DataStream
-    ) -> _PendingRecord:
+    ) -> PendingRecord:
         acc = self.accelerator
         parts = torch.stack([torch.stack(o.loss).detach().float() for o in outputs]).sum(0)
         # (3,): total, soft, hard, summed over the micro-batches
@@ -270,20 +269,17 @@ class Distiller:
         temperature = outputs[0].temperature
         if temperature is None and self.loss_fn is not None and self.temperature_module is None:
             temperature = float(self.loss_fn.current_temperature(step))
-        fields = {
+        steps, seconds, positions = self._window.take(self.step)
+        record = {
             "kind": "train", "step": self.step, "epoch": stream.epoch,
-            "alpha": float(_at(self.alpha, step)), "lr": float(_at(self.learning_rate, step)),
-        }  # fmt: skip
-        numbers = {
             "total": parts[0], "soft": parts[1], "hard": parts[2], "temperature": temperature,
+            "alpha": float(_at(self.alpha, step)), "lr": float(_at(self.learning_rate, step)),
             "soft_grad_norm": soft_norm, "hard_grad_norm": hard_norm,
         }  # fmt: skip
         if grad_norm is not None:
-            numbers["grad_norm"] = grad_norm
-        steps, seconds, positions = self._window.take(self.step)
-        numbers["positions_per_s"] = positions / seconds
-        fields["steps_per_s"] = steps / seconds
-        return _PendingRecord(fields, numbers)
+            record["grad_norm"] = grad_norm
+        record.update(steps_per_s=steps / seconds, positions_per_s=positions / seconds)
+        return PendingRecord(record)
 
     def _flush(self, logger: MetricLogger) -> dict | None:
         """Log the pending train record, if any (its numbers are waited for)."""
@@ -484,56 +480,6 @@ class Distiller:
     def _restore_signal_handlers(self, handlers: dict) -> None:
         for signum, previous in handlers.items():
             signal_module.signal(signum, previous)
-
-
-class _Window:
-    """Throughput since the last log step: steps, seconds and valid positions (samples, tokens)."""
-
-    def __init__(self, step: int) -> None:
-        self.start_step, self.start_time, self.count = step, time.perf_counter(), 0.0
-
-    def add(self, global_count: torch.Tensor) -> None:
-        self.count = self.count + global_count  # a tensor: no host sync here
-
-    def take(self, step: int) -> tuple[int, float, torch.Tensor | float]:
-        now = time.perf_counter()
-        window = (step - self.start_step, max(now - self.start_time, 1e-9), self.count)
-        self.start_step, self.start_time, self.count = step, now, 0.0
-        return window
-
-
-class _PendingRecord:
-    """A log record whose numbers may still be on the GPU.
-
-    Reading them at once (``.item()``) would wait for the whole queue of work and leave the GPU
-    idle while Python prepares the next step, on every log step. Instead they are copied to pinned
-    memory behind the step's work and read one step later, when they have long arrived.
-    """
-
-    def __init__(self, fields: dict, numbers: dict[str, Any]) -> None:
-        self.fields = dict(fields)
-        self.names = [n for n, v in numbers.items() if isinstance(v, torch.Tensor)]
-        self.fields.update({n: v for n, v in numbers.items() if not isinstance(v, torch.Tensor)})
-        self.host, self.event = None, None
-        if self.names:
-            device = numbers[self.names[0]].device
-            packed = torch.stack(
-                [numbers[n].detach().float().reshape(()).to(device) for n in self.names]
-            )
-            if packed.is_cuda:
-                self.host = torch.empty(packed.shape, pin_memory=True)
-                self.host.copy_(packed, non_blocking=True)
-                self.event = torch.cuda.Event()
-                self.event.record()
-            else:
-                self.host = packed
-
-    def resolve(self) -> dict:
-        if self.event is not None:
-            self.event.synchronize()  # waits for this record's step only, not for the queue
-        values = dict(zip(self.names, self.host.tolist())) if self.names else {}
-        record = {**self.fields, **values}
-        return {n: record[n] for n in [*self.fields, *self.names] if n in record}
 
 
 def _on(value, device) -> torch.Tensor:

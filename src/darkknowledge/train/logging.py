@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -68,3 +71,52 @@ class MetricLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class Throughput:
+    """Steps, seconds and valid positions (samples, tokens) since the last log step."""
+
+    def __init__(self, step: int) -> None:
+        self.start_step, self.start_time, self.count = step, time.perf_counter(), 0.0
+
+    def add(self, global_count: torch.Tensor) -> None:
+        self.count = self.count + global_count  # a tensor: no host sync here
+
+    def take(self, step: int) -> tuple[int, float, torch.Tensor | float]:
+        now = time.perf_counter()
+        window = (step - self.start_step, max(now - self.start_time, 1e-9), self.count)
+        self.start_step, self.start_time, self.count = step, now, 0.0
+        return window
+
+
+class PendingRecord:
+    """A log record whose numbers may still be tensors on the GPU.
+
+    Reading them at once (``.item()``) would wait for the whole queue of work and leave the GPU
+    idle while Python prepares the next step, on every log step. Instead they are copied to pinned
+    memory behind the step's work and read one step later (:meth:`resolve`), when they have long
+    arrived. Plain values pass through; the record keeps its key order.
+    """
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = dict(record)
+        self.names = [n for n, v in record.items() if isinstance(v, torch.Tensor)]
+        self.host, self.event = None, None
+        if self.names:
+            device = record[self.names[0]].device
+            values = [record[n].detach().float().reshape(()).to(device) for n in self.names]
+            packed = torch.stack(values)  # (len(names),)
+            if packed.is_cuda:
+                self.host = torch.empty(packed.shape, pin_memory=True)
+                self.host.copy_(packed, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+            else:
+                self.host = packed
+
+    def resolve(self) -> dict[str, Any]:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this record's step only, not for the queue
+        if self.names:
+            self.record.update(zip(self.names, self.host.tolist()))
+        return self.record
