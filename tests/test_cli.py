@@ -121,12 +121,6 @@ def test_cli_distill_train_eval_with_user_code(tmp_path, capsys):
     assert "does not fit the model" in one_line_error(capsys, "eval")
 
 
-def test_cli_demo_llm_missing_module_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "darkknowledge.llm.demo", None)  # makes the import fail
-    assert main(["demo", "llm"]) == 2
-    assert "the llm demo is not available" in one_line_error(capsys, "demo")
-
-
 def test_cli_help_and_subprocess_exit_code(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["--help"])

@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where trained teachers are cached (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
     )
     parser.add_argument(
-        "--output-dir", default="dk-reports/llm-demo", help="report folder (JSON + PNG)"
+        "--output-dir", default="reports/llm-demo", help="report folder (JSON + PNG)"
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
