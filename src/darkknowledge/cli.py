@@ -15,12 +15,30 @@ import sys
 
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "signal-gap": ("darkknowledge.analysis.signal_gap", "soft-loss gradient norm vs temperature, with and without T^2"),
-    "distill": ("darkknowledge.commands.distill", "distil a teacher into a student from a YAML config"),
-    "train": ("darkknowledge.commands.train", "train the config's student from labels alone (the baseline)"),
-    "eval": ("darkknowledge.commands.eval", "evaluate saved student weights on the config's eval data"),
-    "validate": ("darkknowledge.commands.validate", "check a config and list every problem at once"),
-    "demo": ("darkknowledge.commands.demo", "run a self-contained demo: classifier (default) or llm"),
+    "signal-gap": (
+        "darkknowledge.analysis.signal_gap",
+        "soft-loss gradient norm vs temperature, with and without T^2",
+    ),
+    "distill": (
+        "darkknowledge.commands.distill",
+        "distil a teacher into a student from a YAML config",
+    ),
+    "train": (
+        "darkknowledge.commands.train",
+        "train the config's student from labels alone (the baseline)",
+    ),
+    "eval": (
+        "darkknowledge.commands.eval",
+        "evaluate saved student weights on the config's eval data",
+    ),
+    "validate": (
+        "darkknowledge.commands.validate",
+        "check a config and list every problem at once",
+    ),
+    "demo": (
+        "darkknowledge.commands.demo",
+        "run a self-contained demo: classifier (default) or llm",
+    ),
 }
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -31,7 +49,9 @@ class UsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dk", description="darkknowledge: knowledge distillation for PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="dk", description="darkknowledge: knowledge distillation for PyTorch."
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
@@ -55,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     module = importlib.import_module(known._module)
-    sub = argparse.ArgumentParser(prog=f"dk {known.command}", description=COMMANDS[known.command][1])
+    sub = argparse.ArgumentParser(
+        prog=f"dk {known.command}", description=COMMANDS[known.command][1]
+    )
     module.add_arguments(sub)
     args = sub.parse_args(argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
     try:
