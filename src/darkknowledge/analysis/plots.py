@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .._files import save_figure
 from .signal_gap import GradientNormSweep
 
 FORMATS = ("png", "pdf", "svg")
@@ -52,17 +53,4 @@ def plot_gradient_norm_sweep(
     axes.set_title(f"The signal gap: soft-loss gradient vs temperature ({classes} classes)")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
-    return _save_atomically(figure, Path(path), image_format)
-
-
-def _save_atomically(figure, path: Path, image_format: str) -> Path:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a
-    file. (A plain open, not mkstemp, so the file gets the usual umask permissions.)"""
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        figure.savefig(temporary, format=image_format)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return save_figure(figure, Path(path), format=image_format)

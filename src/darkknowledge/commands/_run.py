@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._files import write_json
 from ..chain import distill_chain, freeze
 from ..config import Config
 from ._build import (
@@ -139,13 +139,5 @@ def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
     else:
         fit(0, model_from_spec(config.students[-1], bundle), None)
     if output_dir is not None:
-        _write_json(os.path.join(output_dir, "results.json"), summaries)
+        write_json(os.path.join(output_dir, "results.json"), summaries)
     return summaries
-
-
-def _write_json(path: str, data: Any) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(temporary, path)  # atomic: a reader never sees half a file

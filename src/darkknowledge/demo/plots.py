@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .._files import save_figure
+
 COLORS = {"labels": "#7f7f7f", "kd": "#1f77b4", "kd_learnable_t": "#d62728"}
 
 
@@ -24,12 +26,8 @@ def _pyplot():
 
 
 def _save(figure, path: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp.png"
     figure.tight_layout()
-    figure.savefig(temporary, dpi=90)
-    os.replace(temporary, path)
-    return path
+    return str(save_figure(figure, path, dpi=90))
 
 
 def _stack(series: list[dict[str, list]], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -6,16 +6,12 @@ import json
 import os
 from typing import Any
 
+from .._files import write_text
 from .classifier import METHODS, _arch
 
 
 def _write(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
-    return path
+    return str(write_text(path, text))
 
 
 def write_json(path: str, data: Any) -> str:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .._files import save_figure, write_json
 from .data import VOCAB_SIZE, RandomWindows, sequential_windows, stdlib_corpus
 from .task import CausalLMTask
 
@@ -184,7 +185,7 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
         "total_seconds": time.perf_counter() - started,
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(output_dir / "results.json", report)
+    write_json(output_dir / "results.json", report)
     _plot(report, output_dir / "val_loss.png")
     return report
 
@@ -321,12 +322,6 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(handle.name, path)
-
-
 def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -349,7 +344,5 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     axes.set_title("dk demo llm: byte-level GPT-2 on the Python stdlib")
     axes.legend()
     figure.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as handle:
-        figure.savefig(handle, format="png", dpi=120)
+    save_figure(figure, path, format="png", dpi=120)
     plt.close(figure)
-    os.replace(handle.name, path)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import _files
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -136,15 +138,12 @@ def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: a temp file in the same directory, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    _files.write_json(path, obj, indent=1)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    with _files.atomic_path(path) as temporary:
+        save_file(tensors, str(temporary))
 
 
 def read_json(path: Path) -> Any:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .._files import write_text
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -59,9 +61,7 @@ class MetricLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step
         ]
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
 
     def close(self) -> None:
