@@ -86,7 +86,10 @@ def test_cli_distill_bad_config_exits_2_in_one_line(tmp_path, capsys):
         ("cli_helpers:no_such_thing", "has no attribute 'no_such_thing'"),
         ("no_such_package_xyz.models:build", "cannot import module 'no_such_package_xyz.models'"),
         ("cli_helpers:NOT_CALLABLE", "not a callable"),
-        ("resnet", "unknown model 'resnet'; built-in models are mlp, cnn, linear"),
+        (
+            "resnet",
+            "student.name: got 'resnet' (allowed: mlp, cnn, linear, or 'package.module:callable')",
+        ),
     ],
 )
 def test_cli_bad_model_reference_is_one_line(tmp_path, capsys, name, message):

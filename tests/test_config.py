@@ -81,6 +81,14 @@ def test_config_bad_value_names_field(raw, path):
     assert len(errors) == 1 and errors[0].startswith(f"{path}")
 
 
+def test_config_unknown_builtin_names_are_caught_by_validate():
+    _, errors = check_config({"data": {"name": "digitz"}, "student": {"name": "my.module:"}})
+    assert sorted(error.split(":")[0] for error in errors) == ["data.name", "student.name"]
+    assert "did you mean 'digits'?" in " ".join(errors)
+    _, errors = check_config({"student": {"name": "my_package.models:tiny"}})
+    assert errors == []
+
+
 def test_config_collects_every_problem():
     raw = {
         "distill": {"alpha": 2, "temprature": 1},

@@ -201,6 +201,27 @@ def choice(*options: str) -> Converter:
     return convert
 
 
+def builtin_or_reference(*builtins: str) -> Converter:
+    """A built-in name, or a ``package.module:callable`` reference (checked for its form here;
+    imported when the run builds it)."""
+
+    def convert(value, path, errors):
+        if text(value, path, errors) is INVALID:
+            return INVALID
+        if value in builtins:
+            return value
+        module, _, attribute = value.partition(":")
+        if module and attribute and all(part.isidentifier() for part in module.split(".")):
+            return value
+        hint = suggest(value, list(builtins))
+        errors.append(
+            f"{path}: got {value!r}{hint} (allowed: {', '.join(builtins)}, or 'package.module:callable')"
+        )
+        return INVALID
+
+    return convert
+
+
 def text(value, path, errors):
     if not isinstance(value, str) or not value:
         errors.append(f"{path}: expected a non-empty string, got {_describe(value)}")

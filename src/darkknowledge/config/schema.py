@@ -15,9 +15,11 @@ from types import MappingProxyType
 from typing import Any
 
 from ..losses._checks import DIVERGENCES
+from ..models import BUILTIN_MODELS
 from .fields import (
     INVALID,
     boolean,
+    builtin_or_reference,
     choice,
     either,
     field_,
@@ -72,7 +74,7 @@ def schedule_or_number(
 class ModelConfig:
     name: str = field_(
         "mlp",
-        text,
+        builtin_or_reference(*BUILTIN_MODELS),
         'a built-in model ("mlp", "cnn", "linear") or "package.module:callable" returning an nn.Module',
     )
     hidden: tuple[int, ...] = field_(
@@ -107,7 +109,7 @@ class TeacherConfig(ModelConfig):
 class DataConfig:
     name: str = field_(
         "digits",
-        text,
+        builtin_or_reference("digits"),
         'a built-in data set ("digits") or "package.module:callable" returning (train, eval) datasets',
     )
     args: Mapping[str, Any] = field_(
