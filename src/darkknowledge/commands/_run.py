@@ -78,17 +78,17 @@ def _teacher(config: Config, bundle: DataBundle) -> nn.Module:
     spec = config.teacher
     teacher = model_from_spec(spec, bundle)
     if spec.checkpoint is None and spec.train_steps > 0:
-        print(f"teacher ({_describe(spec)}): training from labels for {spec.train_steps} steps")
+        _say(f"teacher ({_describe(spec)}): training from labels for {spec.train_steps} steps")
         output_dir = subdir(config.train.output_dir, "teacher")
         distiller, result = _fit(
             teacher, None, config, bundle, output_dir, spec.train_steps, student=False
         )
-        print(f"teacher: {_format(_metrics(distiller, result))}")
+        _say(f"teacher: {_format(_metrics(distiller, result))}")
         # Reusable as teacher.checkpoint=<train.output_dir>/teacher/model.safetensors.
         if output_dir is not None:
             distiller.export_student(output_dir)
     elif spec.checkpoint is None:
-        print(
+        _say(
             "teacher: no checkpoint and train_steps=0: used as built (its callable may load weights)"
         )
     return freeze(teacher)
@@ -124,10 +124,10 @@ def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
         else:
             name = f"stage{index}" if len(config.students) > 1 else "student"
         doing = "distilling" if teacher is not None else "training from labels alone"
-        print(f"{name} ({_describe(spec)}): {doing}")
+        _say(f"{name} ({_describe(spec)}): {doing}")
         distiller, result = _fit(student, teacher, config, bundle, subdir(output_dir, name))
         metrics = _metrics(distiller, result)
-        print(f"{name}: {_format(metrics)}")
+        _say(f"{name}: {_format(metrics)}")
         if output_dir is not None:  # <output_dir>/<name>/model.safetensors
             distiller.export_student(os.path.join(output_dir, name))
         summaries.append({"stage": name, "model": _describe(spec), **metrics})
@@ -138,6 +138,17 @@ def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
         distill_chain(_teacher(config, bundle), students, fit)
     else:
         fit(0, model_from_spec(config.students[-1], bundle), None)
-    if output_dir is not None:
+    if output_dir is not None and _is_main_process():
         write_json(os.path.join(output_dir, "results.json"), summaries)
     return summaries
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (they set RANK), or a single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(*args: Any, **kwargs: Any) -> None:
+    """print() on the main process only, so several processes print one report."""
+    if _is_main_process():
+        print(*args, **kwargs)
