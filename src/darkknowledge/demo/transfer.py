@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from ..losses import DistillationLoss, KDLoss, count_valid, kd_loss
-from ..train.signals import signal_grad_norms
-from ..train.task import ClassificationTask, TaskOutput
+from ..losses import KDLoss, count_valid, kd_loss
+from ..train.task import ClassificationTask
 
 
 class TransferSetTask(ClassificationTask):
@@ -40,46 +39,27 @@ class TransferSetTask(ClassificationTask):
         _, labels = self._split(batch)
         return count_valid(torch.zeros_like(labels))  # every example counts for the soft term
 
-    def compute_loss(
+    def distillation_loss(
         self,
-        student: torch.nn.Module,
-        batch: Any,
-        teacher_outputs: Any,
+        logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
         *,
-        loss_fn: DistillationLoss | None,
-        step: int,
+        temperature: float | torch.Tensor,
+        alpha: float,
+        kd_options: dict[str, Any],
         normalizer: torch.Tensor | float,
-        signal: bool,
-    ) -> TaskOutput:
-        if loss_fn is None:
-            return super().compute_loss(
-                student,
-                batch,
-                teacher_outputs,
-                loss_fn=None,
-                step=step,
-                normalizer=normalizer,
-                signal=signal,
-            )
-        inputs, labels = self._split(batch)
-        logits = student(inputs)  # (B, C)
-        teacher_logits = teacher_outputs.to(logits.device)  # (B, C)
-        alpha = loss_fn.current_alpha(step)
-        temperature = loss_fn.current_temperature(step, logits, teacher_logits)
-        options = {**loss_fn.kd_options, "normalizer": normalizer}
+    ) -> KDLoss:
+        """Soft term over every example, hard term over the labelled ones, both divided by the
+        number of examples (``normalizer``)."""
+        options = {**kd_options, "normalizer": normalizer}
         soft = kd_loss(logits, teacher_logits, None, temperature=temperature, alpha=1.0, **options)
         # alpha = 0 gives the hard term alone, summed over labelled examples / all examples.
         hard = kd_loss(
             logits, teacher_logits, labels, temperature=1.0, alpha=0.0,
             ignore_index=self.ignore_index, normalizer=normalizer,
         )  # fmt: skip
-        loss = KDLoss(alpha * soft.total + (1.0 - alpha) * hard.hard, soft.soft, hard.hard)
-        if not signal:
-            return TaskOutput(loss)
-        soft_norm, hard_norm = signal_grad_norms(loss, alpha, logits)
-        if isinstance(temperature, torch.Tensor):
-            temperature = temperature.detach().float().mean()  # read by the Distiller later
-        return TaskOutput(loss, soft_norm, hard_norm, temperature)
+        return KDLoss(alpha * soft.total + (1.0 - alpha) * hard.hard, soft.soft, hard.hard)
 
 
 def bias_for_share(logits: torch.Tensor, target_class: int, share: float) -> float:

@@ -122,20 +122,34 @@ class ClassificationTask:
             teacher_logits = teacher_outputs.to(logits.device)  # (B, C)
             alpha = loss_fn.current_alpha(step)
             temperature = loss_fn.current_temperature(step, logits, teacher_logits)
-            options = {
-                **loss_fn.kd_options,
-                "ignore_index": self.ignore_index,
-                "normalizer": normalizer,
-            }
-            loss = kd_loss(
-                logits, teacher_logits, labels, temperature=temperature, alpha=alpha, **options
-            )
+            loss = self.distillation_loss(
+                logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
+                kd_options=loss_fn.kd_options, normalizer=normalizer,
+            )  # fmt: skip
         if not signal:
             return TaskOutput(loss)
         soft_norm, hard_norm = signal_grad_norms(loss, alpha, logits)
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().float().mean()  # read by the Distiller later
         return TaskOutput(loss, soft_norm, hard_norm, temperature)
+
+    def distillation_loss(
+        self,
+        logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        temperature: float | torch.Tensor,
+        alpha: float,
+        kd_options: dict[str, Any],
+        normalizer: torch.Tensor | float,
+    ) -> KDLoss:
+        """The objective on one micro-batch's ``(B, C)`` logits: :func:`kd_loss`, with soft and
+        hard terms over the same valid positions. Subclasses change only this."""
+        return kd_loss(
+            logits, teacher_logits, labels, temperature=temperature, alpha=alpha,
+            **{**kd_options, "ignore_index": self.ignore_index, "normalizer": normalizer},
+        )  # fmt: skip
 
     def eval_sums(self, student: torch.nn.Module, batch: Any) -> dict[str, float]:
         inputs, labels = self._split(batch)
