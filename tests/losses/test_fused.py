@@ -416,3 +416,75 @@ def test_fused_linear_kd_loss_rejects_bad_shapes_and_options():
         call(inputs, divergence="kl")
     with pytest.raises(TypeError, match="compile"):
         call(inputs, compile=1)
+
+
+# The default objective (forward KL at a float temperature) runs in closed form
+# (ForwardKLChunks); these cover each of its branches against the float64 reference.
+CLOSED_FORM_CASES = [
+    dict(temperature=1.0, alpha=0.5),  # T = 1: softmax(s) is q, one exponential fewer
+    dict(temperature=1.0, alpha=0.0),  # hard term only, at T = 1
+    dict(temperature=2.0, alpha=0.0),  # hard term only: the gradient's base is softmax(s)
+    dict(temperature=2.0, alpha=1.0),  # soft term only, the hard term still reported
+    dict(temperature=3.0, alpha=0.7, soft_scale=0.0),  # soft weight 0 with alpha > 0
+    dict(temperature=1.0, alpha=1.0, soft_scale=0.0),  # no gradient at all
+    dict(temperature=0.5, alpha=0.3, soft_scale="none", reduction="sum"),
+]
+
+
+def count_closed_form_chunks(monkeypatch):
+    from darkknowledge.losses import _fused_chunks
+
+    calls = []
+    original = _fused_chunks.ForwardKLChunks.__call__
+
+    def counting(self, rows, hidden):
+        calls.append(rows)
+        return original(self, rows, hidden)
+
+    monkeypatch.setattr(_fused_chunks.ForwardKLChunks, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("options", CLOSED_FORM_CASES, ids=str)
+def test_fused_forward_kl_closed_form_matches_kd_loss(options, monkeypatch):
+    calls = count_closed_form_chunks(monkeypatch)
+    inputs = make_inputs()
+    scales = dict(student_logit_scale=0.8, teacher_logit_scale=1.25)
+    result = fused(inputs, chunk_size=4, **scales, **options)
+    assert len(calls) == 4  # 14 rows in chunks of 4: it really ran
+    assert_close(result, reference(inputs, scales=(0.8, 1.25), **options))
+
+
+def test_fused_forward_kl_closed_form_without_labels(monkeypatch):
+    calls = count_closed_form_chunks(monkeypatch)
+    inputs = make_inputs()
+    inputs["labels"] = None
+    result = fused(inputs, chunk_size=5, temperature=2.0, alpha=1.0)
+    assert calls and result[0].hard.item() == 0.0
+    assert_close(result, reference(inputs, temperature=2.0, alpha=1.0))
+
+
+def test_fused_forward_kl_closed_form_gradcheck():
+    inputs = make_inputs(tokens=(5,), student_dim=3, teacher_dim=4, vocab=6)
+
+    def loss_of(hidden, weight, bias):
+        return fused_linear_kd_loss(
+            hidden, weight, inputs["teacher_hidden"], inputs["teacher_weight"], inputs["labels"],
+            student_bias=bias, teacher_bias=inputs["teacher_bias"], temperature=2.0, alpha=0.6,
+            chunk_size=2, student_logit_scale=0.9,
+        ).total  # fmt: skip
+
+    student = (inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"])
+    assert torch.autograd.gradcheck(loss_of, student)
+
+
+def test_fused_forward_kl_masked_vocabulary_bias_takes_the_autograd_path(monkeypatch):
+    # A -inf bias entry masks a token: the closed form assumes finite logits, so it steps aside.
+    calls = count_closed_form_chunks(monkeypatch)
+    inputs = make_inputs()
+    inputs["teacher_bias"] = inputs["teacher_bias"].clone()
+    inputs["teacher_bias"][3] = float("-inf")
+    options = dict(temperature=2.0, alpha=0.5)
+    result = fused(inputs, chunk_size=4, **options)
+    assert not calls
+    assert_close(result, reference(inputs, **options))

@@ -3,10 +3,12 @@
     logits = softcap · tanh(scale · (h Wᵀ + b) / softcap)          (softcap optional, Gemma-style)
     L_total = (1 - alpha) · CE(z_s, y) + alpha · T^2 · D(softmax(z_t/T), softmax(z_s/T))
 
-exactly :func:`darkknowledge.kd_loss`'s objective, computed over row chunks of the hidden states:
-each chunk is projected to logits, its loss is :func:`kd_loss` itself on the chunk (so every
-divergence, the T^2 factor, the hard term and the masking are the one implementation), and its
-gradients for the student's hidden states, weight and bias are taken right away. The backward
+exactly :func:`darkknowledge.kd_loss`'s objective, computed over row chunks of the hidden states.
+For each chunk an objective (``_fused_chunks.py``) gives the chunk's loss and its gradient with
+respect to the pre-activation logits: the default forward KL at a float temperature in closed
+form, everything else by autograd through :func:`kd_loss` itself (so every divergence, the T^2
+factor, the hard term and the masking are the one implementation). The loop below turns that
+gradient into the student's hidden-state, weight and bias gradients right away; the backward
 pass only scales the stored gradients. Memory beyond the inputs, weights and gradients is
 O(chunk_size × vocab): 2048 tokens × 128,256 × 4 bytes is 1 GB per copy of the full logits,
 and a naive loss keeps several copies for its backward.
@@ -14,7 +16,6 @@ and a naive loss keeps several copies for its backward.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from numbers import Real
@@ -22,53 +23,61 @@ from numbers import Real
 import torch
 
 from . import _checks
-from .kd import KDLoss, SoftScale, kd_loss, resolve_soft_scale
+from ._fused_chunks import AutogradChunks, ForwardKLChunks, Head
+from .kd import KDLoss, SoftScale, resolve_soft_scale
 from .reduction import Normalizer, valid_positions
-from .transforms import compute_dtype, upcast
+from .transforms import compute_dtype
 
-# Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md):
-# 128 and 256 rows take the same time within noise, and at 128 the loss's memory beyond its
-# inputs and gradients (a few float32 copies of 128 × 128,256 × 4 bytes = 66 MB) is about 6%
-# of the naive loss's, against about 9% at 256.
-DEFAULT_CHUNK_SIZE = 128
-
-
-@dataclass(frozen=True)
-class _Head:
-    """One output layer, already cut to the shared vocabulary."""
-
-    weight: torch.Tensor  # (V, H)
-    bias: torch.Tensor | None  # (V,)
-    scale: float
-    softcap: float | None
-
-    def pre_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``h Wᵀ + b`` in the input dtype: ``(n, H) -> (n, V)``."""
-        if self.bias is None:
-            return hidden @ self.weight.T
-        return torch.addmm(self.bias, hidden, self.weight.T)
-
-    def finish(self, pre_logits: torch.Tensor) -> torch.Tensor:
-        """Scale and soft-cap in float32 (or float64): ``(n, V) -> (n, V)``."""
-        logits = upcast(pre_logits)
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
+# Rows per chunk. Measured on CPU at a 128,256 vocabulary (benchmarks/results/fused_kd.md): the
+# matrix products run faster on 256 rows than on 128, and the default objective's four float32
+# buffers of 256 × 128,256 × 4 bytes (131 MB each) keep the loss's memory beyond its inputs and
+# gradients at about 7% of the naive loss's; 512 rows would pass 10%.
+DEFAULT_CHUNK_SIZE = 256
 
 
 @dataclass(frozen=True)
 class _ChunkedKD:
     """Everything about one call except the tensors that receive gradients."""
 
-    student: _Head
-    teacher: _Head
+    student: Head
+    teacher: Head
     teacher_hidden: torch.Tensor  # (N, H_t)
     labels: torch.Tensor | None  # (N,)
     kd_options: dict
     chunk_size: int
     compile: bool | str = False
+
+    def objective(self, hidden, temperature, need_logits_grad: bool, need_temperature_grad: bool):
+        """The per-chunk objective: the closed form for the default, autograd otherwise."""
+        options = self.kd_options
+        if not need_temperature_grad and ForwardKLChunks.applies(
+            options["divergence"], temperature, self.student, self.teacher, self.compile
+        ):
+            return ForwardKLChunks(
+                self.student,
+                self.teacher,
+                self.teacher_hidden,
+                self.labels,
+                temperature=float(temperature),
+                alpha=options["alpha"],
+                soft_scale=options["soft_scale"],
+                normalizer=1.0 if options["normalizer"] is None else options["normalizer"],
+                ignore_index=options["ignore_index"],
+                chunk_size=min(self.chunk_size, max(hidden.shape[0], 1)),
+                math_dtype=compute_dtype(hidden.dtype),
+                need_logits_grad=need_logits_grad,
+            )
+        return AutogradChunks(
+            self.student,
+            self.teacher,
+            self.teacher_hidden,
+            self.labels,
+            temperature,
+            options,
+            need_logits_grad,
+            need_temperature_grad,
+            self.compile,
+        )
 
     def run(
         self,
@@ -90,69 +99,41 @@ class _ChunkedKD:
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = weight.new_zeros(weight.shape, dtype=math_dtype) if need_weight else None
         grad_bias = weight.new_zeros(weight.shape[0], dtype=math_dtype) if need_bias else None
-        per_position_t = isinstance(temperature, torch.Tensor) and temperature.dim() > 0
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().requires_grad_(need_temperature)
         grad_temperature = torch.zeros_like(temperature) if need_temperature else None
+        objective = self.objective(hidden, temperature, need_logits, need_temperature)
 
         for start in range(0, hidden.shape[0], self.chunk_size):
             rows = slice(start, start + self.chunk_size)
-            chunk = hidden[rows]  # (c, H_s)
-            with torch.no_grad():
-                teacher_logits = self.teacher.finish(
-                    self.teacher.pre_logits(self.teacher_hidden[rows])
-                )
-                pre = self.student.pre_logits(chunk)  # (c, V) in the input dtype
-            with torch.enable_grad():
-                # The gradient is taken with respect to the pre-activation logits in float32:
-                # the matrix products below then give the hidden, weight and bias gradients.
-                pre = upcast(pre).requires_grad_(need_logits)
-                part = (_compiled_chunk_loss(self.compile) if self.compile else _chunk_loss)(
-                    self.student,
-                    pre,
-                    teacher_logits,
-                    None if self.labels is None else self.labels[rows],
-                    temperature[rows] if per_position_t else temperature,
-                    self.kd_options,
-                )
-                inputs = [
-                    t for t, need in ((pre, need_logits), (temperature, need_temperature)) if need
-                ]
-                grads = torch.autograd.grad(part.total, inputs) if inputs else ()
-            parts += torch.stack([p.detach() for p in part])
-            del teacher_logits, part
+            chunk = hidden[rows]  # (n, H_s)
+            result = objective(rows, chunk)
+            parts += result.parts
             if need_temperature:
-                grad_temperature += grads[-1]
+                grad_temperature += result.temperature_grad
             if not need_logits:
                 continue
-            grad_logits = grads[0]  # (c, V) float32
-            del pre, grads
+            # ∂total/∂z = grad · row_scale: the (n, 1) factor goes on the (n, H) side.
+            grad, row_scale = result.logits_grad, result.row_scale
             if need_bias:
-                grad_bias += grad_logits.sum(0)
-            grad_logits = grad_logits.to(hidden.dtype)
+                grad_bias += grad.sum(0) if row_scale is None else grad.T @ row_scale.squeeze(-1)
+            if row_scale is not None:
+                row_scale = row_scale.to(hidden.dtype)
+            grad = grad.to(hidden.dtype)
             if need_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[rows])  # (c, V) @ (V, H_s)
+                torch.mm(grad, weight, out=grad_hidden[rows])  # (n, V) @ (V, H_s)
+                if row_scale is not None:
+                    grad_hidden[rows] *= row_scale
             if need_weight:
+                scaled_chunk = chunk if row_scale is None else chunk * row_scale
                 if hidden.dtype == math_dtype:
-                    grad_weight.addmm_(grad_logits.T, chunk)  # (V, c) @ (c, H_s)
+                    grad_weight.addmm_(grad.T, scaled_chunk)  # (V, n) @ (n, H_s)
                 else:
-                    grad_weight += grad_logits.T @ chunk
-            del grad_logits
+                    grad_weight += grad.T @ scaled_chunk
+            del result, grad
 
         total, soft, hard = parts.unbind()
         return total, soft, hard, [grad_hidden, grad_weight, grad_bias, grad_temperature]
-
-
-def _chunk_loss(student: _Head, pre, teacher_logits, labels, temperature, kd_options) -> KDLoss:
-    """kd_loss on one chunk of logits: the step that ``compile=True`` hands to torch.compile."""
-    logits = student.finish(pre)
-    return kd_loss(logits, teacher_logits, labels, temperature=temperature, **kd_options)
-
-
-@functools.cache
-def _compiled_chunk_loss(backend: bool | str):
-    # One compiled function per backend: its graphs are cached per shape and option set.
-    return torch.compile(_chunk_loss, backend="inductor" if backend is True else backend)
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -241,12 +222,13 @@ def fused_linear_kd_loss(
         vocab_size: the real vocabulary when the two output layers differ only by padding
             rows; both weights (and biases) are cut to their first ``vocab_size`` rows. Needed
             when ``V_s != V_t``; the padding rows of the student get a zero gradient.
-        compile: run each chunk's loss through ``torch.compile``: its softmax and divergence
-            passes fuse into a few loops (about 3x faster on CPU, where they otherwise cost
-            about as much as the matrix products). The first call compiles (a minute); so does
-            a new shape or a new ``alpha``. A float temperature or normalizer is turned into a
-            tensor so that schedules do not recompile. Needs a C++ compiler on CPU. A string
-            names another ``torch.compile`` backend (``"aot_eager"`` to debug).
+        compile: run each chunk's ``kd_loss`` through ``torch.compile``, which fuses its
+            softmax and divergence passes; meant for the objectives that go through autograd
+            (the default forward KL at a float temperature has a closed form that is as fast
+            eager, and ``compile=True`` takes it off that path). The first call compiles (a
+            minute); so does a new shape or a new ``alpha``. A float temperature or normalizer
+            is turned into a tensor so that schedules do not recompile. Needs a C++ compiler on
+            CPU. A string names another ``torch.compile`` backend (``"aot_eager"`` to debug).
 
     Returns:
         ``KDLoss(total, soft, hard)``, each ``()``. Only ``total`` carries a gradient.
@@ -436,7 +418,7 @@ def _head(
     vocab: int,
     scale: float,
     softcap: float | None,
-) -> _Head:
+) -> Head:
     if bias is not None:
         _check_tensor(bias, f"{side}_bias")
         if bias.shape != weight.shape[:1] or bias.dtype != weight.dtype:
@@ -451,7 +433,7 @@ def _head(
             raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
         if not math.isfinite(value) or value <= 0:
             raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
-    return _Head(
+    return Head(
         weight=weight[:vocab].detach(),
         bias=None if bias is None else bias[:vocab].detach(),
         scale=float(scale),
