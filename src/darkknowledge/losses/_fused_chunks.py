@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .kd import kd_loss, resolve_soft_scale
-from .transforms import compute_dtype, upcast
+from .transforms import upcast
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,7 @@ class AutogradChunks:
         temperature = self.temperature
         per_position = isinstance(temperature, torch.Tensor) and temperature.dim() > 0
         with torch.no_grad():
-            teacher_logits = self.teacher.finish(
-                self.teacher.pre_logits(self.teacher_hidden[rows])
-            )
+            teacher_logits = self.teacher.finish(self.teacher.pre_logits(self.teacher_hidden[rows]))
             pre = self.student.pre_logits(hidden)  # (n, V) in the input dtype
         with torch.enable_grad():
             # The gradient is taken with respect to the pre-activation logits in float32: the
