@@ -165,6 +165,9 @@ def test_bad_reduction_beta_lam_and_soft_scale():
         kd(divergence="skew_kl", lam=1.0)
     with pytest.raises(ValueError, match=r'soft_scale must be "T2", "none" or a float, got \'T\''):
         kd(soft_scale="T")
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="soft_scale must be a finite float >= 0"):
+            kd(soft_scale=bad)
 
 
 def test_distillation_loss_validates_constants_and_options_on_construction():

@@ -287,13 +287,16 @@ class ForwardKLChunks:
         common = self.student.scale / self.normalizer
         if self.with_labels:
             common = self.valid[rows].unsqueeze(-1).to(self.math_dtype) * common  # (n, 1)
-        if e_s is e_q:  # T = 1: softmax(s) = q, so the gradient is (a + b) q − a p − b onehot
-            a, b, base_weight = a / (a + b) if a + b else 0.0, b / (a + b) if a + b else 0.0, a + b
-            grad, row_scale = e_q, common * base_weight / z_q
+        # a, b >= 0 (soft_scale is checked): a + b = 0 only when both are, the last case below.
+        if (
+            e_s is e_q and a + b
+        ):  # T = 1: softmax(s) = q, the gradient is (a + b) q − a p − b onehot
+            weight = a + b
+            grad, row_scale = e_q, common * weight / z_q
             if a:
-                grad.addcmul_(e_t, z_q / z_t, value=-a)
+                grad.addcmul_(e_t, z_q / z_t, value=-a / weight)
             if b:
-                grad.scatter_add_(-1, self.safe_labels[rows], -b * z_q)
+                grad.scatter_add_(-1, self.safe_labels[rows], (-b / weight) * z_q)
             return grad, row_scale
         if a:  # q is the base: grad = (a / Z_q) · [E_q − (Z_q/Z_t) E_t + (b/a)(Z_q/Z_s) E_s − ...]
             grad, row_scale = e_q, common * a / z_q

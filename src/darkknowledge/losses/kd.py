@@ -10,6 +10,7 @@ class dimension and averaged over valid positions, never over classes.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -51,6 +52,9 @@ def resolve_soft_scale(
         raise TypeError(
             f'soft_scale must be "T2", "none" or a float, got {type(soft_scale).__name__}'
         )
+    if not math.isfinite(soft_scale) or soft_scale < 0:
+        # A negative weight would push the student away from the teacher.
+        raise ValueError(f"soft_scale must be a finite float >= 0, got soft_scale={soft_scale!r}")
     return float(soft_scale)
 
 
