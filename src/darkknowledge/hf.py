@@ -24,6 +24,7 @@ from torch import nn
 from .llm.task import CausalLMTask
 from .losses import DistillationLoss
 from .losses._checks import check_divergence_name, check_unit_interval
+from .losses.fused import DEFAULT_CHUNK_SIZE
 
 
 class DistillationTrainer(transformers.Trainer):
@@ -54,7 +55,7 @@ class DistillationTrainer(transformers.Trainer):
         beta: float = 0.5,
         lam: float = 0.1,
         soft_scale: str | float = "T2",
-        chunk_size: int = 1024,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         **kwargs: Any,
     ) -> None:
         if not isinstance(teacher_model, nn.Module):
