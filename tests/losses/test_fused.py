@@ -488,3 +488,23 @@ def test_fused_forward_kl_masked_vocabulary_bias_takes_the_autograd_path(monkeyp
     result = fused(inputs, chunk_size=4, **options)
     assert not calls
     assert_close(result, reference(inputs, **options))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])  # closed form, autograd
+def test_fused_linear_kd_loss_on_cuda(dtype, divergence):
+    inputs = make_inputs(dtype=dtype, vocab=300, tokens=(3, 40))
+    inputs = {
+        k: v.detach().cuda().requires_grad_(v.requires_grad) if v.is_floating_point() else v.cuda()
+        for k, v in inputs.items()
+    }
+    options = dict(temperature=2.0, alpha=0.8, divergence=divergence)
+    loss, grads = fused(inputs, chunk_size=16, **options)
+    ref_loss, ref_grads = reference(inputs, **options)
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.total.double(), ref_loss.total, rtol=tolerance, atol=1e-4)
+    for name, grad in grads.items():
+        assert grad.device.type == "cuda" and grad.dtype == dtype
+        error = (grad.double() - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert error < (1e-5 if dtype == torch.float32 else 3e-2), name
