@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from .kd import kd_loss, resolve_soft_scale
+from .reduction import reduce_positions, valid_positions
 from .transforms import upcast
+
+if TYPE_CHECKING:  # fused.py builds the objectives from its call description
+    from .fused import _ChunkedKD as ChunkedKD
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,19 @@ class Head:
 
     def pre_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``h Wᵀ + b`` in the input dtype: ``(n, H) -> (n, V)``."""
-        if self.bias is None:
-            return hidden @ self.weight.T
-        return torch.addmm(self.bias, hidden, self.weight.T)
+        return self.project(hidden, self.bias)
+
+    def project(
+        self, hidden: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``h Wᵀ + bias``, ``(n, H) -> (n, V)``, into ``out`` when given (cast to its dtype)."""
+        direct = out if out is None or out.dtype == hidden.dtype else None
+        if bias is None:
+            logits = torch.mm(hidden, self.weight.T, out=direct)
+        else:
+            logits = torch.addmm(bias, hidden, self.weight.T, out=direct)
+        # bfloat16 products, float32 math: the cast is the one extra pass.
+        return logits if out is None or direct is not None else out.copy_(logits)
 
     def finish(self, pre_logits: torch.Tensor) -> torch.Tensor:
         """Scale and soft-cap in float32 (or float64): ``(n, V) -> (n, V)``."""
@@ -52,24 +66,6 @@ class Head:
         if self.softcap is not None:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
-
-    def scaled_logits_into(
-        self, out: torch.Tensor, hidden: torch.Tensor, factor: float, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``out = factor · (h Wᵀ + b)`` without a softcap, ``(n, H) -> (n, V)``.
-
-        The factor multiplies the small ``(n, H)`` hidden states (and the bias the caller
-        scaled once), not the logits: one pass fewer over ``(n, V)``.
-        """
-        if factor != 1.0:
-            hidden = hidden * factor
-        if hidden.dtype == out.dtype:
-            if bias is None:
-                return torch.mm(hidden, self.weight.T, out=out)
-            return torch.addmm(bias, hidden, self.weight.T, out=out)
-        # bfloat16 products, float32 math: the cast is the one extra pass.
-        low = hidden @ self.weight.T if bias is None else torch.addmm(bias, hidden, self.weight.T)
-        return out.copy_(low)
 
 
 class ChunkResult(NamedTuple):
@@ -85,34 +81,32 @@ class ChunkResult(NamedTuple):
 class AutogradChunks:
     """Any objective of :func:`kd_loss`, by autograd on the chunk's float32 logits."""
 
-    student: Head
-    teacher: Head
-    teacher_hidden: torch.Tensor  # (N, H_t)
-    labels: torch.Tensor | None  # (N,)
+    problem: ChunkedKD
     temperature: float | torch.Tensor  # a float, or a () or (N,) leaf tensor
-    kd_options: dict
     need_logits_grad: bool
     need_temperature_grad: bool
-    compile: bool | str = False
 
     def __call__(self, rows: slice, hidden: torch.Tensor) -> ChunkResult:
         # A tensor temperature is a leaf here (see fused.py): its gradient has its full shape.
         temperature = self.temperature
         per_position = isinstance(temperature, torch.Tensor) and temperature.dim() > 0
+        problem = self.problem
         with torch.no_grad():
-            teacher_logits = self.teacher.finish(self.teacher.pre_logits(self.teacher_hidden[rows]))
-            pre = self.student.pre_logits(hidden)  # (n, V) in the input dtype
+            teacher = problem.teacher
+            teacher_logits = teacher.finish(teacher.pre_logits(problem.teacher_hidden[rows]))
+            pre = problem.student.pre_logits(hidden)  # (n, V) in the input dtype
         with torch.enable_grad():
             # The gradient is taken with respect to the pre-activation logits in float32: the
             # chunk loop's matrix products turn it into the hidden, weight and bias gradients.
             pre = upcast(pre).requires_grad_(self.need_logits_grad)
-            part = (_compiled_chunk_loss(self.compile) if self.compile else _chunk_loss)(
-                self.student,
+            compiled = problem.compile
+            part = (_compiled_chunk_loss(compiled) if compiled else _chunk_loss)(
+                problem.student,
                 pre,
                 teacher_logits,
-                None if self.labels is None else self.labels[rows],
+                None if problem.labels is None else problem.labels[rows],
                 temperature[rows] if per_position else temperature,
-                self.kd_options,
+                problem.kd_options,
             )
             wanted = [
                 tensor
@@ -163,63 +157,59 @@ class ForwardKLChunks:
 
     def __init__(
         self,
-        student: Head,
-        teacher: Head,
-        teacher_hidden: torch.Tensor,
-        labels: torch.Tensor | None,
-        *,
+        problem: ChunkedKD,
         temperature: float,
-        alpha: float,
-        soft_scale,
-        normalizer: float | torch.Tensor,
-        ignore_index: int,
-        chunk_size: int,
+        *,
+        rows_per_chunk: int,
         math_dtype: torch.dtype,
         need_logits_grad: bool,
     ) -> None:
-        self.student, self.teacher = student, teacher
-        self.teacher_hidden = teacher_hidden
+        options = problem.kd_options
+        self.student, self.teacher = problem.student, problem.teacher
+        self.teacher_hidden = problem.teacher_hidden
         self.temperature = temperature
-        self.alpha = alpha
-        self.with_labels = labels is not None
-        if labels is not None:
-            self.valid = labels != ignore_index  # (N,)
+        self.alpha = options["alpha"]
+        self.with_labels = problem.labels is not None
+        self.valid = valid_positions(problem.labels, None, options["ignore_index"])  # (N,) or None
+        if self.with_labels:
             # Ignored rows get class 0; their row_scale is 0, so whatever they hold drops out.
-            self.safe_labels = labels.masked_fill(~self.valid, 0).unsqueeze(-1)  # (N, 1)
-        # In the math dtype: a count from valid.sum() is an integer tensor.
+            self.safe_labels = problem.labels.masked_fill(~self.valid, 0).unsqueeze(-1)  # (N, 1)
+        # "sum" has no normalizer: dividing by 1 keeps one formula. In the math dtype: a count
+        # from valid.sum() is an integer tensor.
+        normalizer = 1.0 if options["normalizer"] is None else options["normalizer"]
         self.normalizer = (
             normalizer.to(math_dtype) if isinstance(normalizer, torch.Tensor) else float(normalizer)
         )
-        self.soft_weight = alpha * float(resolve_soft_scale(soft_scale, temperature))
+        self.soft_weight = self.alpha * float(
+            resolve_soft_scale(options["soft_scale"], temperature)
+        )
         self.need_logits_grad = need_logits_grad
-        # The teacher's factor scale_t / T goes on its hidden states and bias (see Head).
-        self.teacher_factor = teacher.scale / temperature
-        self.teacher_bias = None if teacher.bias is None else teacher.bias * self.teacher_factor
-        self.student_bias = None if student.bias is None else student.bias * student.scale
-        self.chunk_size = chunk_size
+        # The factors scale / T (teacher) and scale (student) go on the small (n, H) hidden
+        # states and once on the biases, not on the (n, V) logits: one pass fewer per side.
+        self.teacher_factor = self.teacher.scale / temperature
+        self.teacher_bias = _scaled(self.teacher.bias, self.teacher_factor)
+        self.student_bias = _scaled(self.student.bias, self.student.scale)
+        self.rows_per_chunk = rows_per_chunk
         self.math_dtype = math_dtype
         self._buffers: list[torch.Tensor] = []
 
     @staticmethod
-    def applies(divergence: str, temperature, student: Head, teacher: Head, compile) -> bool:
+    def applies(problem: ChunkedKD, temperature) -> bool:
         """Whether this closed form computes the requested objective."""
+        heads = (problem.student, problem.teacher)
         return (
-            divergence == "forward_kl"
+            problem.kd_options["divergence"] == "forward_kl"
             and isinstance(temperature, float | int)
-            and student.softcap is None
-            and teacher.softcap is None
-            and not compile
-            and all(
-                head.bias is None or bool(torch.isfinite(head.bias).all())
-                for head in (student, teacher)
-            )
+            and not problem.compile
+            and all(head.softcap is None for head in heads)
+            and all(head.bias is None or bool(torch.isfinite(head.bias).all()) for head in heads)
         )
 
     def _buffer(self, index: int, rows: int) -> torch.Tensor:
         while len(self._buffers) <= index:
             self._buffers.append(
                 self.student.weight.new_empty(
-                    (self.chunk_size, self.student.weight.shape[0]), dtype=self.math_dtype
+                    (self.rows_per_chunk, self.student.weight.shape[0]), dtype=self.math_dtype
                 )
             )
         return self._buffers[index][:rows]
@@ -230,14 +220,14 @@ class ForwardKLChunks:
         # A: t'' = t' − max t', later t'' − s''.   B: E_t.   C: s, later s − max s, later E_s.
         # D: s'' = (s − max s) / T, later E_q; at T = 1 it is C itself.
         a_buf, b_buf, c_buf = self._buffer(0, n), self._buffer(1, n), self._buffer(2, n)
-        self.teacher.scaled_logits_into(
-            a_buf, self.teacher_hidden[rows], self.teacher_factor, self.teacher_bias
+        self.teacher.project(
+            _scaled(self.teacher_hidden[rows], self.teacher_factor), self.teacher_bias, out=a_buf
         )
         a_buf.sub_(a_buf.amax(-1, keepdim=True))
         e_t = torch.exp(a_buf, out=b_buf)
         z_t = e_t.sum(-1, keepdim=True)
 
-        s = self.student.scaled_logits_into(c_buf, hidden, self.student.scale, self.student_bias)
+        s = self.student.project(_scaled(hidden, self.student.scale), self.student_bias, out=c_buf)
         if self.with_labels:
             picked = s.gather(-1, self.safe_labels[rows])  # s_y, (n, 1)
         s_max = s.amax(-1, keepdim=True)
@@ -270,14 +260,13 @@ class ForwardKLChunks:
 
     def _parts(self, rows: slice, kl: torch.Tensor, ce: torch.Tensor | None) -> torch.Tensor:
         """``(total, soft, hard)`` of this chunk, each a sum over valid rows / N."""
-        kl = kl.squeeze(-1)
-        if self.with_labels:
-            valid = self.valid[rows]
-            soft = torch.where(valid, kl, 0.0).sum()
-            hard = torch.where(valid, ce.squeeze(-1), 0.0).sum()
-        else:
-            soft, hard = kl.sum(), kl.new_zeros(())
-        soft, hard = soft / self.normalizer, hard / self.normalizer
+        valid = None if self.valid is None else self.valid[rows]
+        soft = reduce_positions(kl.squeeze(-1), valid, "mean", self.normalizer)
+        hard = (
+            kl.new_zeros(())
+            if ce is None
+            else reduce_positions(ce.squeeze(-1), valid, "mean", self.normalizer)
+        )
         total = (1.0 - self.alpha) * hard + self.soft_weight * soft
         return torch.stack([total, soft, hard])
 
@@ -285,7 +274,7 @@ class ForwardKLChunks:
         """The gradient as ``buffer · row_scale``: combine in place, keep the row factors out."""
         a = self.soft_weight / self.temperature
         common = self.student.scale / self.normalizer
-        if self.with_labels:
+        if self.valid is not None:
             common = self.valid[rows].unsqueeze(-1).to(self.math_dtype) * common  # (n, 1)
         # a, b >= 0 (soft_scale is checked): a + b = 0 only when both are, the last case below.
         if (
@@ -310,3 +299,8 @@ class ForwardKLChunks:
             grad.scatter_add_(-1, self.safe_labels[rows], -z_s)
             return grad, row_scale
         return e_q.zero_(), torch.zeros_like(z_q)
+
+
+def _scaled(tensor: torch.Tensor | None, factor: float) -> torch.Tensor | None:
+    """``tensor · factor``, without a copy when the factor is 1 (or the tensor None)."""
+    return tensor if tensor is None or factor == 1.0 else tensor * factor

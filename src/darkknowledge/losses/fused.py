@@ -49,35 +49,15 @@ class _ChunkedKD:
 
     def objective(self, hidden, temperature, need_logits_grad: bool, need_temperature_grad: bool):
         """The per-chunk objective: the closed form for the default, autograd otherwise."""
-        options = self.kd_options
-        if not need_temperature_grad and ForwardKLChunks.applies(
-            options["divergence"], temperature, self.student, self.teacher, self.compile
-        ):
+        if not need_temperature_grad and ForwardKLChunks.applies(self, temperature):
             return ForwardKLChunks(
-                self.student,
-                self.teacher,
-                self.teacher_hidden,
-                self.labels,
-                temperature=float(temperature),
-                alpha=options["alpha"],
-                soft_scale=options["soft_scale"],
-                normalizer=1.0 if options["normalizer"] is None else options["normalizer"],
-                ignore_index=options["ignore_index"],
-                chunk_size=min(self.chunk_size, max(hidden.shape[0], 1)),
+                self,
+                float(temperature),
+                rows_per_chunk=min(self.chunk_size, max(hidden.shape[0], 1)),
                 math_dtype=compute_dtype(hidden.dtype),
                 need_logits_grad=need_logits_grad,
             )
-        return AutogradChunks(
-            self.student,
-            self.teacher,
-            self.teacher_hidden,
-            self.labels,
-            temperature,
-            options,
-            need_logits_grad,
-            need_temperature_grad,
-            self.compile,
-        )
+        return AutogradChunks(self, temperature, need_logits_grad, need_temperature_grad)
 
     def run(
         self,
