@@ -8,7 +8,7 @@
 0
 """
 
-from . import analysis, schedules
+from . import analysis, rl, schedules
 from .losses import DistillationLoss, KDLoss, count_valid, divergence, kd_loss, reduce_positions
 from .losses.fused import fused_linear_kd_loss
 from .temperature import LearnableTemperature
@@ -42,5 +42,6 @@ __all__ = [
     "fused_linear_kd_loss",
     "kd_loss",
     "reduce_positions",
+    "rl",
     "schedules",
 ]
