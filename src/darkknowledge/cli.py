@@ -16,7 +16,7 @@ import sys
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
     "signal-gap": (
-        "darkknowledge.analysis.signal_gap",
+        "darkknowledge.commands.signal_gap",
         "soft-loss gradient norm vs temperature, with and without T^2",
     ),
     "distill": (

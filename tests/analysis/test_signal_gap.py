@@ -142,3 +142,28 @@ def test_cli_unparsable_flag_exits_2():
     with pytest.raises(SystemExit) as exit_info:
         main(["signal-gap", "--classes", "many"])
     assert exit_info.value.code == 2
+
+
+def test_analysis_is_pure_math_and_plots_without_a_cli_or_cycles():
+    """The command line lives in darkknowledge.commands; analysis modules import no argparse,
+    define no command and do not import each other in a circle."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(dk.analysis.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        relative = {
+            (n.module or "").split(".")[0]
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.level == 1
+        }
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert "argparse" not in names, path.name
+        assert not {"add_arguments", "run"} & functions, path.name
+        imports[path.stem] = relative
+    for module, targets in imports.items():
+        for target in targets:
+            assert module not in imports.get(target, set()), f"{module} <-> {target}"

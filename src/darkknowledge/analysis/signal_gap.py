@@ -15,12 +15,12 @@ library's own losses (:func:`darkknowledge.divergence` unscaled, the soft term o
 The gradient norm is the Frobenius norm of ∂L/∂z_s for the batch-mean loss L over a
 ``(batch_size, classes)`` matrix of student logits.
 
-Command line: ``dk signal-gap [--classes 1000] [--temperatures 1 5] [--seed 0] [--plot [PATH]]``.
+Command line: ``dk signal-gap`` (:mod:`darkknowledge.commands.signal_gap`). This module is pure:
+math only, no argparse, no printing.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -30,8 +30,6 @@ import torch
 from ..losses import divergence, kd_loss
 
 __all__ = ["GradientNormSweep", "SignalGap", "gradient_norm_sweep", "signal_gap"]
-
-DEFAULT_PLOT_PATH = "signal-gap.png"
 
 
 class SignalGap(NamedTuple):
@@ -233,68 +231,3 @@ def format_table(gaps: Sequence[SignalGap], *, classes: int, batch_size: int, se
                     f"smaller than at T=1; scaled by T^2 it is {gap.scaled_grad_norm / reference.grad_norm:.2f}x T=1's"
                 )
     return "\n".join(lines)
-
-
-# -- command line -------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--classes", type=int, default=1000, help="number of classes N (default: 1000)"
-    )
-    parser.add_argument(
-        "--temperatures",
-        type=float,
-        nargs="+",
-        default=[1.0, 5.0],
-        metavar="T",
-        help="temperatures (default: 1 5)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="random seed of the logits (default: 0)"
-    )
-    parser.add_argument("--batch-size", type=int, default=16, help="rows of logits (default: 16)")
-    parser.add_argument(
-        "--points",
-        type=int,
-        default=41,
-        help="temperatures from 1 to 100 in the plot (default: 41)",
-    )
-    parser.add_argument(
-        "--plot",
-        nargs="?",
-        const=DEFAULT_PLOT_PATH,
-        default=None,
-        metavar="PATH",
-        help=f"also plot gradient norm vs T from 1 to 100 (.png, .pdf or .svg; default PATH: {DEFAULT_PLOT_PATH})",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    # Checked here to name the flags; the functions name their arguments.
-    if args.classes < 2:
-        raise ValueError(f"--classes must be >= 2, got {args.classes}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.points < 2:
-        raise ValueError(f"--points must be >= 2, got {args.points}")
-    bad = [t for t in args.temperatures if not (math.isfinite(t) and t > 0)]
-    if bad:
-        raise ValueError(f"--temperatures must all be finite and > 0, got {bad[0]:g}")
-    if args.plot is not None:
-        from .plots import check_plot_path
-
-        check_plot_path(args.plot, "--plot")
-
-    gaps = signal_gap(args.classes, args.temperatures, args.seed, batch_size=args.batch_size)
-    print(format_table(gaps, classes=args.classes, batch_size=args.batch_size, seed=args.seed))
-    if args.plot is not None:
-        from .plots import plot_gradient_norm_sweep
-
-        temperatures = default_sweep_temperatures(args.points)
-        sweep = gradient_norm_sweep(
-            temperatures, args.classes, args.seed, batch_size=args.batch_size
-        )
-        plot_gradient_norm_sweep(sweep, args.plot, classes=args.classes)
-        print(f"\nplot written to {args.plot}")
-    return 0

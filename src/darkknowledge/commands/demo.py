@@ -1,121 +1,55 @@
-"""``dk demo [classifier|llm]``: the self-contained demonstrations (no network).
+"""``dk demo [NAME] [options]``: the self-contained demonstrations (no network).
 
 ``dk demo`` (or ``dk demo classifier``) distils a digits classifier and writes a report folder;
-``--omit-class C`` runs Hinton's omitted-class experiment instead. ``dk demo llm ...`` hands its
-remaining arguments to :mod:`darkknowledge.llm.demo`, imported only then.
+``dk demo llm`` distils a byte-level GPT-2. Each demo is a module with ``add_arguments(parser)``
+and ``run(args)``, imported only when it runs; :data:`CHOICES` maps names to modules, so a new
+demo is one line here and one module. Every demo writes its report under ``--output-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import replace
+import importlib
+from types import ModuleType
 
-CHOICES = ("classifier", "llm")
+# name -> (module, one-line help). The first entry is the default (`dk demo` alone).
+CHOICES: dict[str, tuple[str, str]] = {
+    "classifier": (
+        "darkknowledge.commands.demo_classifier",
+        "distil a digits classifier with few labels (the default)",
+    ),
+    "llm": (
+        "darkknowledge.commands.demo_llm",
+        "distil a byte-level GPT-2 on the Python standard library",
+    ),
+}
+DEFAULT = next(iter(CHOICES))
 
 
-def _add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--output",
-        default=None,
-        help="report folder (default: reports/demo, or reports/demo-omit-C)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a tiny setting that runs in seconds (for tests)"
-    )
-    parser.add_argument(
-        "--seeds", type=int, default=None, help="number of student seeds (default: 3; quick: 1)"
-    )
-    parser.add_argument(
-        "--omit-class",
-        type=int,
-        default=None,
-        metavar="C",
-        help="Hinton's omitted-class experiment",
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1 is fastest for these tiny models)",
-    )
+def _module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(CHOICES[name][0])
+    except ImportError as error:  # e.g. transformers missing for the llm demo
+        raise ValueError(f"the {name} demo is not available: {error}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    demos = "; ".join(f"{name}: {help_text}" for name, (_, help_text) in CHOICES.items())
     parser.add_argument(
-        "which",
-        nargs="?",
-        default="classifier",
-        choices=CHOICES,
-        help="which demo (default: classifier)",
+        "which", nargs="?", default=DEFAULT, choices=tuple(CHOICES), help=f"which demo ({demos})"
     )
-    _add_classifier_arguments(parser)
-    # Whatever follows `which` belongs to that demo's own parser (see run()).
+    # `dk demo --quick`: the default demo's options may come without its name.
+    _module(DEFAULT).add_arguments(parser)
+    # Whatever follows the name belongs to that demo's own parser (see run()).
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.which == "llm":
-        return _run_llm(args.rest)
-    if args.rest:  # `dk demo classifier --quick`: the options came after `which`
-        parser = argparse.ArgumentParser(prog="dk demo classifier")
-        _add_classifier_arguments(parser)
+    module = _module(args.which)
+    if args.which != DEFAULT or args.rest:  # options came after the name: the demo's parser
+        parser = argparse.ArgumentParser(
+            prog=f"dk demo {args.which}", description=CHOICES[args.which][1]
+        )
+        module.add_arguments(parser)
         args = parser.parse_args(args.rest)
-    return _run_classifier(args)
-
-
-def _run_llm(rest: list[str]) -> int:
-    try:
-        from ..llm import demo as llm_demo
-    except ImportError as error:
-        raise ValueError(f"the llm demo is not available: {error}") from None
-    parser = argparse.ArgumentParser(prog="dk demo llm")
-    llm_demo.add_arguments(parser)
-    return int(llm_demo.run(parser.parse_args(rest)) or 0)
-
-
-def _run_classifier(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # tiny matrices: more threads only add contention
-    try:
-        return _classifier(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the process as we found it (tests call main())
-
-
-def _classifier(args: argparse.Namespace) -> int:
-    from ..demo.classifier import METHODS, QUICK, DemoSettings, run_classifier_demo
-    from ..demo.plots import make_plots
-    from ..demo.report import (
-        classifier_report,
-        classifier_table,
-        omit_report,
-        omit_table,
-        write_json,
-    )
-
-    settings = QUICK if args.quick else DemoSettings()
-    if args.seeds is not None:
-        settings = replace(settings, seeds=tuple(range(args.seeds)))
-    if args.omit_class is not None:
-        from ..demo.omit import run_omit_class
-
-        output = args.output or f"reports/demo-omit-{args.omit_class}"
-        results = run_omit_class(args.omit_class, settings)
-        write_json(os.path.join(output, "results.json"), results)
-        report = omit_report(results, output)
-        print(f"\n{omit_table(results)}\n\ntotal {results['seconds']:.1f} s; report: {report}")
-        return 0
-    output = args.output or "reports/demo"
-    results = run_classifier_demo(settings)
-    plots = make_plots(results, METHODS, output)
-    write_json(os.path.join(output, "results.json"), results)
-    report = classifier_report(results, plots, output)
-    print(f"\n{classifier_table(results)}\n\ntotal {results['seconds']:.1f} s; report: {report}")
-    return 0
+    return int(module.run(args) or 0)

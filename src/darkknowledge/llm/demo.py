@@ -1,4 +1,4 @@
-"""``dk demo llm``: distil a byte-level GPT-2 on the Python standard library, offline.
+"""The LLM demo: distil a byte-level GPT-2 on the Python standard library, offline.
 
 1. Text: the standard library's own ``*.py`` files as bytes (held-out files for evaluation).
 2. Teacher: a small GPT-2 trained from data, cached under ``--cache-dir`` (safetensors and
@@ -7,12 +7,13 @@
 3. Student: a smaller GPT-2 trained twice for the same steps on the same batches: distilled
    from the teacher (``dk.Distiller`` + :class:`CausalLMTask`), and from the data alone.
 4. Report: held-out loss, bits per byte and perplexity, training and evaluation tokens per
-   second, parameter counts; a table on stdout, ``results.json`` and ``val_loss.png``.
+   second, parameter counts; ``results.json`` and ``val_loss.png`` (and :func:`format_table`).
+
+The command line, ``dk demo llm``, lives in :mod:`darkknowledge.commands.demo_llm`.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,68 +59,35 @@ QUICK = Recipe(
     teacher_steps=8, student_steps=4, train_bytes=20_000, heldout_bytes=1_024, eval_every=2,
 )  # fmt: skip
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny models and few steps (seconds; for tests)"
-    )
-    parser.add_argument("--teacher-steps", type=int, help="teacher training steps")
-    parser.add_argument(
-        "--student-steps", type=int, help="student training steps (each of the two runs)"
-    )
-    parser.add_argument("--temperature", type=float, help="distillation temperature")
-    parser.add_argument("--alpha", type=float, help="weight of the soft (distillation) term")
-    parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument(
-        "--cache-dir",
-        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
-        help="where trained teachers are cached (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
-    )
-    parser.add_argument(
-        "--output-dir", default="reports/llm-demo", help="report folder (JSON + PNG)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
-    )
+LABELS = {
+    "teacher": "teacher",
+    "distilled": "student, distilled",
+    "data_only": "student, data only",
+}
 
 
-def run(args: argparse.Namespace) -> int:
-    recipe = QUICK if args.quick else Recipe()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("teacher_steps", "student_steps", "temperature", "alpha", "seed")
-        if getattr(args, name, None) is not None
-    }
-    recipe = Recipe(**{**asdict(recipe), **overrides})
-    _validate(recipe)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    report = run_demo(recipe, cache_dir=Path(args.cache_dir), output_dir=Path(args.output_dir))
-    print(format_table(report))
-    print(
-        f"report: {Path(args.output_dir) / 'results.json'}, {Path(args.output_dir) / 'val_loss.png'}"
-    )
-    return 0
+def run_demo(
+    recipe: Recipe,
+    *,
+    cache_dir: Path,
+    output_dir: Path,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train (or load) the teacher, then the distilled and the data-only student; write the report.
 
-
-def _validate(recipe: Recipe) -> None:
-    """Refuse bad settings before minutes of training, naming the flag."""
-    for name in ("teacher_steps", "student_steps"):
-        value = getattr(recipe, name)
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not 0.0 <= recipe.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1], got {recipe.alpha}")
-    if not (recipe.temperature > 0 and math.isfinite(recipe.temperature)):
-        raise ValueError(f"--temperature must be finite and > 0, got {recipe.temperature}")
-
-
-def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, Any]:
-    """Train (or load) the teacher, then the distilled and the data-only student; write the report."""
+    ``log`` receives one line as each stage starts and ends (None: silent); ``progress`` shows
+    the Distiller's progress bar during training (only when stderr is a terminal).
+    """
     import darkknowledge as dk
 
+    say = log if log is not None else (lambda message: None)
     started = time.perf_counter()
     corpus = stdlib_corpus(train_bytes=recipe.train_bytes, heldout_bytes=recipe.heldout_bytes)
+    say(
+        f"corpus: {corpus.train.numel():,} training bytes from {len(corpus.train_files)} standard "
+        f"library files, {corpus.heldout.numel():,} held-out bytes from {len(corpus.heldout_files)} others"
+    )
     eval_data = sequential_windows(
         corpus.heldout, block_size=recipe.block_size, batch_size=4 * recipe.batch_size
     )
@@ -148,7 +117,7 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
             eval_data=eval_data if eval_every else None,
             eval_every=eval_every,
             seed=recipe.seed,
-            progress=False,
+            progress=progress,
         )
         began = time.perf_counter()
         result = distiller.fit()
@@ -160,10 +129,17 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
             "curve": curve,
         }
 
-    teacher, teacher_info = _teacher(recipe, corpus.digest, cache_dir, fit)
+    teacher, teacher_info = _teacher(recipe, corpus.digest, cache_dir, fit, say)
     results: dict[str, Any] = {"teacher": {**teacher_info, **_evaluate(teacher, eval_data)}}
+    say(f"teacher: {results['teacher']['bits_per_byte']:.3f} held-out bits per byte")
     for name, use_teacher in (("distilled", True), ("data_only", False)):
+        label = LABELS[name]
         student = _gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
+        how = "distilled from the teacher" if use_teacher else "from the data alone"
+        say(
+            f"{label} ({recipe.student_layers} x {recipe.student_width}, {_parameters(student):,} "
+            f"parameters): {recipe.student_steps} steps {how}"
+        )
         info = fit(
             student, teacher if use_teacher else None, recipe.student_steps, recipe.eval_every
         )
@@ -172,6 +148,10 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
             **_evaluate(student, eval_data),
             "parameters": _parameters(student),
         }
+        say(
+            f"{label}: {results[name]['bits_per_byte']:.3f} held-out bits per byte "
+            f"({info['train_seconds']:.1f} s)"
+        )
     report = {
         "recipe": asdict(recipe),
         "corpus": {
@@ -190,7 +170,9 @@ def run_demo(recipe: Recipe, *, cache_dir: Path, output_dir: Path) -> dict[str, 
     return report
 
 
-def _teacher(recipe: Recipe, digest: str, cache_dir: Path, fit) -> tuple[Any, dict[str, Any]]:
+def _teacher(
+    recipe: Recipe, digest: str, cache_dir: Path, fit, say: Callable[[str], None]
+) -> tuple[Any, dict[str, Any]]:
     """The cached teacher if its key matches, else a freshly trained one (then cached)."""
     import transformers
 
@@ -207,6 +189,7 @@ def _teacher(recipe: Recipe, digest: str, cache_dir: Path, fit) -> tuple[Any, di
     ).hexdigest()[:16]
     path = cache_dir / f"llm-demo-teacher-{key}"
     if (path / "meta.json").is_file():
+        say(f"teacher: loaded from the cache {path}")
         teacher = transformers.GPT2LMHeadModel.from_pretrained(path)
         meta = json.loads((path / "meta.json").read_text())
         return teacher, {
@@ -216,9 +199,14 @@ def _teacher(recipe: Recipe, digest: str, cache_dir: Path, fit) -> tuple[Any, di
             "parameters": _parameters(teacher),
         }
     teacher = _gpt2(recipe.teacher_layers, recipe.teacher_width, recipe, seed=recipe.seed)
+    say(
+        f"teacher ({recipe.teacher_layers} x {recipe.teacher_width}, {_parameters(teacher):,} "
+        f"parameters): {recipe.teacher_steps} steps from the data (cached for later runs)"
+    )
     info = fit(teacher, None, recipe.teacher_steps, 0)  # 0: evaluated once, below
     meta = {key: info[key] for key in ("train_seconds", "train_tokens_per_s", "curve")}
     _save_atomically(teacher, meta, path)
+    say(f"teacher: trained in {info['train_seconds']:.1f} s, saved to {path}")
     return teacher, {
         **meta,
         "cached": False,
@@ -294,13 +282,9 @@ def _train_tokens(recipe: Recipe, steps: int) -> int:
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The comparison as a plain-text table, one row per model, and a line on the held-out data."""
     rows = [("model", "params", "bits/byte", "perplexity", "accuracy", "train tok/s", "eval tok/s")]
-    labels = {
-        "teacher": "teacher",
-        "distilled": "student, distilled",
-        "data_only": "student, data only",
-    }
-    for name, label in labels.items():
+    for name, label in LABELS.items():
         m = report["models"][name]
         train = "cached" if m.get("cached") else f"{m['train_tokens_per_s']:.0f}"
         rows.append(
@@ -329,7 +313,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    for name, label in (("distilled", "student, distilled"), ("data_only", "student, data only")):
+    for name in ("distilled", "data_only"):
+        label = LABELS[name]
         steps, losses = (
             zip(*report["models"][name]["curve"]) if report["models"][name]["curve"] else ((), ())
         )
