@@ -124,3 +124,30 @@ def test_last_hidden_states_rejects_a_model_without_output_layer(make_gpt2):
     backbone = make_gpt2().transformer  # GPT2Model: no LM head
     with pytest.raises(ValueError, match="no output layer"):
         last_hidden_states(backbone, torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_last_hidden_states_keeps_an_accelerate_hook_on_the_output_layer(make_gpt2):
+    """device_map / offloading put Accelerate hooks on the instance's forward: they survive."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class CountCalls(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            CountCalls.calls += 1
+            return args, kwargs
+
+    model = make_gpt2(0)
+    add_hook_to_module(model.lm_head, CountCalls())
+    hooked_forward = model.lm_head.forward
+    ids = torch.randint(1, 40, (2, 5))
+    hidden = last_hidden_states(model, ids)
+    assert CountCalls.calls == 0  # the output layer was skipped during the capture
+    assert model.lm_head.forward is hooked_forward and hasattr(model.lm_head, "_hf_hook")
+    logits = model(input_ids=ids).logits
+    assert CountCalls.calls == 1  # ... and hooked again afterwards
+    torch.testing.assert_close(logits, model.lm_head(hidden))
+    # A plain head gets no instance attribute left behind.
+    plain = make_gpt2(0)
+    last_hidden_states(plain, ids)
+    assert "forward" not in plain.lm_head.__dict__

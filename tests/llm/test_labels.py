@@ -80,3 +80,13 @@ def test_shift_labels_rejects_bad_input():
         shift_labels(ids, prompt_lengths=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="input_ids"):
         shift_labels(torch.tensor([1, 2, 3]))
+
+
+def test_shift_labels_prompt_lengths_without_mask_stay_on_the_batch_device():
+    """The prompt mask is built on input_ids' device, not the CPU (meta stands in for a GPU)."""
+    ids = torch.zeros(2, 6, dtype=torch.long, device="meta")
+    labels = shift_labels(ids, prompt_lengths=torch.tensor([2, 3]))
+    assert labels.device.type == "meta" and labels.shape == (2, 6)
+    # The same rule on the CPU, values checked by hand.
+    cpu = shift_labels(torch.arange(12).view(2, 6), prompt_lengths=torch.tensor([2, 3]))
+    assert cpu.tolist() == [[IGNORE, 2, 3, 4, 5, IGNORE], [IGNORE, IGNORE, 9, 10, 11, IGNORE]]

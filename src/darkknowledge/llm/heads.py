@@ -99,7 +99,8 @@ def last_hidden_states(
     The model is called as a whole (``model(input_ids=..., attention_mask=...)``), through any
     DDP or accelerate wrapper, so gradient synchronisation and autocast still happen; only the
     output layer is skipped: during the call it records its input and returns an empty
-    ``(B, T, 0)`` tensor instead of the ``(B, T, V)`` logits.
+    ``(B, T, 0)`` tensor instead of the ``(B, T, V)`` logits. Its own ``forward`` (with any
+    Accelerate hook on it) is back in place afterwards.
     """
     head = _output_module(unwrap_model(model))
     with _capture_input(head) as captured:
@@ -127,9 +128,17 @@ def _output_module(model: nn.Module) -> nn.Module:
     return head
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def _capture_input(head: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Replace ``head.forward`` (on this instance only) by one that records its input."""
+    """Shadow ``head.forward`` (on this instance only) by one that records its input, and put
+    back exactly what was there before.
+
+    The instance may already hold a ``forward`` of its own: Accelerate's hooks (``device_map``,
+    offloading) live there, so it is saved and restored, never deleted.
+    """
     captured: list[torch.Tensor] = []
 
     def record(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -137,11 +146,15 @@ def _capture_input(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         # Empty logits: whatever the model does to them next (softcap, scale, float()) is free.
         return hidden.new_empty(*hidden.shape[:-1], 0)
 
-    head.forward = record  # an instance attribute shadows the class method
+    previous = head.__dict__.get("forward", _MISSING)
+    head.forward = record  # an instance attribute shadows the class method (and any hook)
     try:
         yield captured
     finally:
-        del head.forward
+        if previous is _MISSING:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def _effective_linear(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -67,14 +67,17 @@ def shift_labels(
     if completion_mask is not None:
         keep = keep & _bool_like(completion_mask, shape, "completion_mask")
     if prompt_lengths is not None:
-        keep = keep & _completion_from_prompt_lengths(prompt_lengths, real, shape)
+        keep = keep & _completion_from_prompt_lengths(prompt_lengths, real, shape, input_ids.device)
     labels = torch.full(shape, ignore_index, dtype=torch.long, device=input_ids.device)
     labels[:, :-1] = torch.where(keep[:, 1:], input_ids[:, 1:].long(), ignore_index)
     return labels
 
 
 def _completion_from_prompt_lengths(
-    prompt_lengths: torch.Tensor, real: torch.Tensor | None, shape: torch.Size
+    prompt_lengths: torch.Tensor,
+    real: torch.Tensor | None,
+    shape: torch.Size,
+    device: torch.device,
 ) -> torch.Tensor:
     """``(B, T)`` bool: True at tokens whose index within the real sequence is >= the prompt length."""
     if not isinstance(prompt_lengths, torch.Tensor):
@@ -86,8 +89,12 @@ def _completion_from_prompt_lengths(
         )
     if bool((prompt_lengths < 0).any()):
         raise ValueError(f"prompt_lengths must be >= 0, got {prompt_lengths.tolist()}")
-    # Index of each token within its row's real tokens: 0 at the first real token.
-    index = torch.arange(shape[1]).expand(shape) if real is None else real.long().cumsum(dim=1) - 1
+    # Index of each token within its row's real tokens: 0 at the first real token. On the
+    # batch's device: the mask it joins lives there.
+    if real is None:
+        index = torch.arange(shape[1], device=device).expand(shape)
+    else:
+        index = real.long().cumsum(dim=1) - 1
     prompt_lengths = prompt_lengths.to(index.device)
     return index >= prompt_lengths.unsqueeze(1)
 
