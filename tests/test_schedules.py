@@ -90,6 +90,16 @@ def test_as_schedule_wraps_numbers_and_passes_callables():
         schedules.as_schedule("4.0")
 
 
+def test_value_at_evaluates_schedules_and_passes_values_through():
+    assert schedules.value_at(0.9, 7) == 0.9 and type(schedules.value_at(0.9, 7)) is float
+    assert schedules.value_at(schedules.linear(0.0, 1.0, 10), 5) == 0.5
+    assert schedules.value_at(lambda step: 2.0 * step, 3) == 6.0
+    tensor = torch.tensor([1.0, 2.0])
+    assert schedules.value_at(tensor, 3) is tensor  # a tensor temperature is already a value
+    for value in (0.5, schedules.cosine(8.0, 2.0, 100), lambda step: step / 10):
+        assert schedules.value_at(value, 40) == schedules.as_schedule(value)(40)
+
+
 def test_schedules_return_floats_and_accept_integer_like_steps():
     schedule = schedules.linear(0, 1, 4)
     assert type(schedule(2)) is float

@@ -53,6 +53,7 @@ __all__ = [
     "join",
     "linear",
     "step",
+    "value_at",
     "warmup_cosine",
 ]
 
@@ -272,8 +273,22 @@ def warmup_cosine(
     return Join((Linear(start, peak, warmup_steps), decay), (warmup_steps,))
 
 
+def value_at(value: Any, step: int) -> Any:
+    """The value in force at ``step``: a schedule (any callable ``step -> float``) is evaluated
+    there; anything else (a float, a tensor) is already a value and comes back unchanged.
+
+    The one place where "a float or a schedule" is resolved; :func:`as_schedule` is its
+    counterpart for code that wants a callable in every case.
+
+    >>> value_at(0.9, 10), value_at(linear(0.0, 1.0, 20), 10)
+    (0.9, 0.5)
+    """
+    return value(step) if callable(value) else value
+
+
 def as_schedule(value: FloatOrSchedule, name: str = "value") -> Schedule:
-    """A number becomes ``constant(value)``; a callable passes through unchanged.
+    """A number becomes ``constant(value)``; a callable passes through unchanged, so that
+    ``as_schedule(v)(step) == value_at(v, step)`` for every number or schedule ``v``.
 
     >>> as_schedule(0.9)
     Constant(value=0.9)

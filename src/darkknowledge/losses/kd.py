@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .. import schedules
 from . import _checks
 from ._forward_kl_ce import ForwardKLAndCE
 from .divergences import per_position_divergence
@@ -303,10 +304,10 @@ class DistillationLoss(torch.nn.Module):
             return self.temperature_module(
                 student_logits=student_logits, teacher_logits=teacher_logits, step=step
             )
-        return _value_at(self._temperature, step)
+        return schedules.value_at(self._temperature, step)
 
     def current_alpha(self, step: int = 0) -> float:
-        return _value_at(self.alpha, step)
+        return schedules.value_at(self.alpha, step)
 
     def forward(
         self,
@@ -336,8 +337,3 @@ _KD_OPTIONS = frozenset(inspect.signature(kd_loss).parameters) - {
     "temperature",
     "alpha",
 }
-
-
-def _value_at(value, step: int):
-    """A float stays a float; a schedule (any callable) is evaluated at ``step``."""
-    return value(step) if callable(value) else value
