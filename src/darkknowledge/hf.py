@@ -10,11 +10,24 @@ tokens of the whole optimizer step (all accumulated micro-batches, and all proce
 ``average_tokens_across_devices``), which the Trainer passes as ``num_items_in_batch``; that
 count is taken with :func:`darkknowledge.llm.shift_labels`, the same rule as the loss. Without
 it (transformers < 4.46) the loss is a per-micro-batch mean and the Trainer divides by the
-accumulation steps.
+accumulation steps. Evaluation ignores the Trainer's count (taken by another rule: under left
+padding it counts the first real token of each row, which nothing predicts) and divides each
+batch's sum by its own number of predicted tokens.
+
+Logs: every training log adds ``soft`` and ``hard`` (the step's loss parts, averaged over the
+steps since the last log and over processes), ``temperature`` and ``alpha``, as
+``dk.Distiller`` does. ``evaluate()`` adds ``eval_ce`` (the student's cross-entropy per
+predicted token over the whole evaluation set), ``eval_perplexity = exp(eval_ce)`` and
+``eval_soft`` (the divergence per token) to the Trainer's ``eval_loss`` (the objective).
+
+Mixed precision: Accelerate autocasts only the student's forward; the teacher's forward and the
+fused loss run here, so they are put under ``accelerator.autocast()`` too (the loss then does
+its vocabulary products in the autocast dtype and its softmax math in float32).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,8 +54,13 @@ class DistillationTrainer(transformers.Trainer):
         *args, **kwargs: the ``Trainer``'s own (``args=TrainingArguments(...)``, datasets, ...).
 
     Batches hold ``input_ids``, ``attention_mask`` and unshifted ``labels`` (``-100`` where
-    nothing is predicted), as ``DataCollatorForLanguageModeling(mlm=False)`` makes them.
+    nothing is predicted), as ``DataCollatorForLanguageModeling(mlm=False)`` or
+    :class:`darkknowledge.llm.PaddingCollator` make them, and optionally ``prompt_lengths`` or
+    ``completion_mask`` (kept by ``remove_unused_columns``, although the model does not take them).
     """
+
+    # Batch keys the loss reads besides the model's own arguments.
+    LOSS_COLUMNS = ("prompt_lengths", "completion_mask")
 
     def __init__(
         self,
@@ -84,6 +102,18 @@ class DistillationTrainer(transformers.Trainer):
         # The loss below is normalised by num_items_in_batch when the Trainer gives it, so the
         # Trainer must count it and must not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
+        self._train_parts: torch.Tensor | None = None  # (soft, hard) summed since the last log
+        self._logged_step = 0
+        self._eval_sums: torch.Tensor | None = None  # (soft, hard, count) summed over evaluation
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps the columns of the model's forward; the loss also reads
+        # prompt_lengths / completion_mask. The Trainer's subclass hook for this (TRL's trainers
+        # extend it the same way); the columns list is the Trainer's own.
+        super()._set_signature_columns_if_needed()
+        columns = getattr(self, "_signature_columns", None)
+        if isinstance(columns, list):
+            columns.extend(name for name in self.LOSS_COLUMNS if name not in columns)
 
     def get_batch_samples(self, *args: Any, **kwargs: Any):
         """The Trainer's micro-batches, with ``num_items_in_batch`` counted by our label rule."""
@@ -103,29 +133,95 @@ class DistillationTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        normalizer = num_items_in_batch
+        evaluating = not model.training
+        # Evaluation: the Trainer counts tokens by its own rule; the loss's own count (None) is
+        # this batch's predicted tokens, the rule of the loss.
+        normalizer = None if evaluating else num_items_in_batch
         if normalizer is not None and self._averages_across_devices():
             # num_items_in_batch counts every process's tokens; DDP averages the gradients over
             # processes, so each process divides its sum by global_count / world_size.
             normalizer = normalizer / self.accelerator.num_processes
-        with torch.no_grad():
-            teacher_outputs = self.task.teacher_outputs(self.teacher_model, inputs)
-        output = self.task.compute_loss(
-            model,
-            inputs,
-            teacher_outputs,
-            loss_fn=self.loss_fn,
-            step=self.state.global_step,
-            normalizer=normalizer,
-        )
-        loss = output.loss.total
+        with self.accelerator.autocast():
+            with torch.no_grad():
+                teacher_outputs = self.task.teacher_outputs(self.teacher_model, inputs)
+            output = self.task.compute_loss(
+                model,
+                inputs,
+                teacher_outputs,
+                loss_fn=self.loss_fn,
+                step=self.state.global_step,
+                normalizer=normalizer,
+            )
+        parts = output.loss
+        if evaluating:
+            self._add_eval_sums(parts.soft, parts.hard, self.task.count_valid(inputs))
+        else:
+            # Without a count (old Trainers) each micro-batch is a mean that the Trainer divides
+            # by the accumulation steps; with one, the micro-batches add up to the step's value.
+            share = 1.0 if normalizer is not None else 1.0 / self.args.gradient_accumulation_steps
+            self._add_train_parts(parts.soft, parts.hard, share)
+        loss = parts.total
         if return_outputs:
-            return loss, {
-                "loss": loss,
-                "soft": output.loss.soft.detach(),
-                "hard": output.loss.hard.detach(),
-            }
+            return loss, {"loss": loss, "soft": parts.soft.detach(), "hard": parts.hard.detach()}
         return loss
+
+    # -- logs ------------------------------------------------------------------------------
+    def _add_train_parts(self, soft: torch.Tensor, hard: torch.Tensor, share: float) -> None:
+        step_parts = torch.stack([soft.detach(), hard.detach()]).double() * share  # no host sync
+        self._train_parts = (
+            step_parts if self._train_parts is None else self._train_parts + step_parts
+        )
+
+    def _add_eval_sums(self, soft: torch.Tensor, hard: torch.Tensor, count: Any) -> None:
+        count = torch.as_tensor(count, device=soft.device).double()
+        sums = torch.stack([soft.detach().double() * count, hard.detach().double() * count, count])
+        self._eval_sums = (
+            sums if self._eval_sums is None else self._eval_sums + sums.to(self._eval_sums.device)
+        )
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log, plus ``soft``, ``hard``, ``temperature`` and ``alpha`` on training
+        logs (those holding ``loss``)."""
+        if "loss" in logs and self._train_parts is not None:
+            parts, self._train_parts = self._train_parts, None
+            if self.accelerator.num_processes > 1:  # every process logs at the same steps
+                parts = self.accelerator.reduce(parts, reduction="mean")
+            steps = max(self.state.global_step - self._logged_step, 1)
+            self._logged_step = self.state.global_step
+            soft, hard = (parts / steps).tolist()
+            step = max(self.state.global_step - 1, 0)  # the step the last loss was computed at
+            temperature = self.loss_fn.current_temperature(step)
+            if isinstance(temperature, torch.Tensor):
+                temperature = float(temperature.detach().mean())
+            logs = {
+                **logs,
+                "soft": soft,
+                "hard": hard,
+                "temperature": float(temperature),
+                "alpha": float(self.loss_fn.current_alpha(step)),
+            }
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """The Trainer's loop, whose metrics gain ``<prefix>_ce``, ``<prefix>_perplexity`` and
+        ``<prefix>_soft``: sums over every predicted token of the set, divided once."""
+        # Every process starts from zeros, so each joins the reduction below even without batches.
+        self._eval_sums = torch.zeros(3, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            sums = self._eval_sums
+        finally:
+            self._eval_sums = None
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        soft_sum, hard_sum, count = sums.tolist()
+        if count > 0:
+            prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+            cross_entropy = hard_sum / count
+            output.metrics[f"{prefix}_ce"] = cross_entropy
+            output.metrics[f"{prefix}_perplexity"] = math.exp(min(cross_entropy, 700.0))
+            output.metrics[f"{prefix}_soft"] = soft_sum / count
+        return output
 
     def _averages_across_devices(self) -> bool:
         return (
