@@ -73,7 +73,7 @@ def test_demo_transfer_task_matches_float64_reference():
         loss_fn=loss_fn,
         step=0,
         normalizer=6.0,
-        signal=True,
+        grad_meter=True,
     )
     z = student(inputs)
     p, log_q = torch.softmax(teacher_logits / 2, -1), torch.log_softmax(z / 2, -1)

@@ -30,7 +30,7 @@ def test_causal_lm_task_loss_equals_kd_loss_on_full_shifted_logits(make_gpt2, di
     with torch.inference_mode():  # as the Distiller runs it
         teacher_outputs = task.teacher_outputs(teacher, batch)
     fused = task.compute_loss(
-        student, batch, teacher_outputs, loss_fn=loss_fn, step=0, normalizer=None, signal=False
+        student, batch, teacher_outputs, loss_fn=loss_fn, step=0, normalizer=None, grad_meter=False
     )
     fused.loss.total.backward()
     fused_grads = _grads(student)
@@ -66,7 +66,7 @@ def test_causal_lm_task_labels_only_is_cross_entropy(make_gpt2):
     batch = _batch(seed=3)
     task = CausalLMTask(chunk_size=4)
     out = task.compute_loss(
-        student, batch, None, loss_fn=None, step=0, normalizer=None, signal=False
+        student, batch, None, loss_fn=None, step=0, normalizer=None, grad_meter=False
     )
     labels = shift_labels(
         batch["input_ids"], batch["attention_mask"], prompt_lengths=batch["prompt_lengths"]

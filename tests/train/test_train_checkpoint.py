@@ -1,10 +1,11 @@
-"""Checkpoints: pickle-free layout, bitwise resume, SIGTERM/SIGINT saves."""
+"""Checkpoint folders: pickle-free layout, crash-safe writing, verification, pruning."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,58 +15,15 @@ import darkknowledge as dk
 from darkknowledge.train import checkpoint as ckpt
 
 
-def _distiller(output_dir, max_steps, callbacks=(), save_every=0):
-    # Dropout and a shuffled loader: the resumed run must restore the RNG and the data position.
-    # 5 + 1/4 epochs of 8 batches (grad_accum_steps=2: 4 steps per epoch), checkpoints mid-epoch.
+def _distiller(output_dir, max_steps, **options):
+    # Dropout and a shuffled loader: a resumed run must restore the RNG and the data position.
+    # 8 batches per epoch, grad_accum_steps=2: 4 steps per epoch.
     return dk.Distiller(
         mlp(0, dropout=0.2), teacher_mlp(), loader(points(256), 32, shuffle=True),
         temperature=dk.schedules.linear(6.0, 2.0, 21), learning_rate=dk.schedules.cosine(1e-2, 1e-3, 21),
-        grad_accum_steps=2, max_grad_norm=1.0, max_steps=max_steps, save_every=save_every,
-        output_dir=output_dir, log_every=1, callbacks=callbacks, progress=False,
+        grad_accum_steps=2, max_grad_norm=1.0, max_steps=max_steps, output_dir=output_dir,
+        log_every=1, progress=False, **options,
     )  # fmt: skip
-
-
-class _Kill(Exception):
-    pass
-
-
-def test_distiller_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
-    whole = _distiller(tmp_path / "whole", 21)
-    whole.fit()
-
-    def kill_at_step_9(distiller, record):  # a crash two steps after the checkpoint of step 7
-        if distiller.step == 9:
-            raise _Kill
-
-    with pytest.raises(_Kill):
-        _distiller(tmp_path / "cut", 21, callbacks=[kill_at_step_9], save_every=7).fit()
-    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-00000007"
-
-    resumed = _distiller(tmp_path / "cut", 21)
-    result = resumed.fit(resume=True)
-    assert result.history[0]["step"] == 8
-    expected, got = state(whole.student), state(resumed.student)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
-    for group_whole, group_resumed in zip(
-        whole.optimizer.state.values(), resumed.optimizer.state.values()
-    ):
-        assert torch.equal(group_whole["exp_avg_sq"], group_resumed["exp_avg_sq"])
-    # The log was rewound to the checkpoint, so each step appears once, as in the whole run.
-    steps = [
-        json.loads(line)["step"]
-        for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert steps == list(range(1, 22))
-    whole_log = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    cut_log = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
-    for a, b in zip(whole_log, cut_log):
-        a, b = json.loads(a), json.loads(b)
-        assert (a["total"], a["epoch"], a["temperature"]) == (
-            b["total"],
-            b["epoch"],
-            b["temperature"],
-        )
 
 
 def test_checkpoint_layout_is_json_and_safetensors_only(tmp_path):
@@ -73,12 +31,15 @@ def test_checkpoint_layout_is_json_and_safetensors_only(tmp_path):
     path = ckpt.latest_checkpoint(tmp_path)
     names = sorted(p.name for p in path.iterdir())
     assert names == [
-        "optimizer.json", "optimizer.safetensors", "rng-rank0.json", "rng-rank0.safetensors",
-        "state.json", "student.safetensors",
+        "manifest.json", "optimizer.json", "optimizer.safetensors", "rng-rank0.json",
+        "rng-rank0.safetensors", "state.json", "student.safetensors",
     ]  # fmt: skip
     meta = json.loads((path / "state.json").read_text())
     assert meta["step"] == 3 and meta["world_size"] == 1
     assert (meta["epoch"], meta["batch_index"]) == (0, 6)  # 3 steps x 2 micro-batches
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(manifest) == [n for n in names if n != "manifest.json"]
+    assert manifest["student.safetensors"]["bytes"] == (path / "student.safetensors").stat().st_size
     assert not list(path.parent.glob(".tmp-*"))
 
 
@@ -100,30 +61,110 @@ def test_checkpoint_tree_round_trip_keeps_optimizer_state():
         ckpt.encode_tree({"fn": print}, {})
 
 
-@pytest.mark.parametrize(
-    ("signum", "raised"), [(signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)]
-)
-def test_distiller_signal_saves_a_checkpoint_and_stops(tmp_path, signum, raised):
-    previous = signal.getsignal(signum)
-
-    def send_signal(distiller, record):
-        if distiller.step == 3:
-            os.kill(os.getpid(), signum)
-
-    distiller = _distiller(tmp_path, 50, callbacks=[send_signal])
-    with pytest.raises(raised):
-        distiller.fit()
-    assert distiller.step == 3
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
-    assert signal.getsignal(signum) is previous  # handlers restored after fit
-    resumed = _distiller(tmp_path, 5)
-    assert resumed.fit(resume=True).history[0]["step"] == 4
+def test_checkpoint_leftover_temporary_folder_is_removed_not_published(tmp_path):
+    # A save killed half-way left a temporary folder with a stray file, at the same step.
+    leftover = tmp_path / "checkpoints" / ".tmp-step-00000002"
+    leftover.mkdir(parents=True)
+    (leftover / "stray.bin").write_bytes(b"half a file")
+    (tmp_path / "checkpoints" / ".old-step-00000001").mkdir()
+    _distiller(tmp_path, 2).fit(resume=True)
+    published = ckpt.checkpoint_dir(tmp_path, 2)
+    assert not (published / "stray.bin").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
 
 
-def test_distiller_resume_without_checkpoint_starts_afresh(tmp_path):
-    result = _distiller(tmp_path, 2).fit(resume=True)
-    assert [r["step"] for r in result.history] == [1, 2]
-    with pytest.raises(ValueError, match="output_dir"):
-        dk.Distiller(mlp(0), None, loader(points(32), 8), max_steps=1, progress=False).fit(
-            resume=True
-        )
+def test_checkpoint_files_and_rename_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return real_fsync(descriptor)
+
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc to name file descriptors")
+    monkeypatch.setattr(os, "fsync", spy)
+    _distiller(tmp_path, 1).fit()
+    final = ckpt.checkpoint_dir(tmp_path, 1)
+    temporary = str(final.with_name(f".tmp-{final.name}"))
+    for name in sorted(p.name for p in final.iterdir()):
+        assert f"{temporary}/{name}" in synced, name  # each file, before the rename
+    assert temporary in synced  # the folder's entries
+    assert str(final.parent) in synced  # the rename itself
+    assert synced.index(temporary) < synced.index(str(final.parent))
+
+
+def test_checkpoint_keep_last_prunes_the_oldest(tmp_path):
+    _distiller(tmp_path, 5, save_every=1, keep_last=2).fit()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == [
+        "step-00000005",
+        "step-00000004",
+    ]
+    assert not list((tmp_path / "checkpoints").glob(".*"))
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # inside the tensor data: the file still parses
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["corrupt_student", "missing_optimizer", "truncated_state"])
+def test_checkpoint_damaged_file_falls_back_to_the_previous_one(tmp_path, damage):
+    whole = _distiller(tmp_path / "whole", 8)
+    whole.fit()
+    _distiller(tmp_path / "cut", 6, save_every=2).fit()
+    newest = ckpt.checkpoint_dir(tmp_path / "cut", 6)
+    name = {
+        "corrupt_student": "student.safetensors",
+        "missing_optimizer": "optimizer.json",
+        "truncated_state": "state.json",
+    }[damage]
+    if damage == "corrupt_student":
+        _corrupt(newest / name)
+    elif damage == "missing_optimizer":
+        (newest / name).unlink()
+    else:
+        (newest / name).write_text((newest / name).read_text()[:20])
+    resumed = _distiller(tmp_path / "cut", 8)
+    with pytest.warns(RuntimeWarning, match=f"{newest / name}.*previous checkpoint step-00000004"):
+        result = resumed.fit(resume=True)
+    assert result.history[0]["step"] == 5  # continued from step 4
+    expected = state(whole.student)
+    assert all(torch.equal(v, expected[k]) for k, v in state(resumed.student).items())
+
+
+def test_checkpoint_damaged_without_fallback_names_the_file(tmp_path):
+    _distiller(tmp_path, 2).fit()
+    path = ckpt.checkpoint_dir(tmp_path, 2) / "rng-rank0.safetensors"
+    _corrupt(path)
+    with pytest.raises(dk.train.CheckpointError, match=f"checkpoint file {path} is corrupted"):
+        _distiller(tmp_path, 4).fit(resume=True)
+    # Without a manifest (a checkpoint from before manifests), parsing still names the file.
+    (path.parent / "manifest.json").unlink()
+    path.write_bytes(b"\x00" * 5)
+    with pytest.raises(dk.train.CheckpointError, match=f"checkpoint file {path} is corrupted"):
+        _distiller(tmp_path, 4).fit(resume=True)
+
+
+DATA = Path(__file__).parent / "data" / "checkpoint_v0"
+
+
+def test_checkpoint_from_before_manifests_resumes_bitwise(tmp_path):
+    """A checkpoint written by the code before this change (no manifest, no config hash)."""
+    shutil.copytree(DATA / "checkpoints", tmp_path / "checkpoints")
+
+    def run(output_dir):
+        return dk.Distiller(
+            mlp(0, hidden=8, dropout=0.2), teacher_mlp(), loader(points(64), 16, shuffle=True),
+            temperature=dk.LearnableTemperature(4.0, curriculum_steps=3), max_steps=4,
+            output_dir=output_dir, progress=False,
+        )  # fmt: skip
+
+    resumed = run(tmp_path)
+    assert resumed.fit(resume=True).history[0]["step"] == 4  # the last step is logged
+    from safetensors.torch import load_file
+
+    old_run = load_file(str(DATA / "student_step4.safetensors"))
+    for name, value in state(resumed.student).items():
+        assert torch.equal(value, old_run[name]), name

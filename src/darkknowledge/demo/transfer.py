@@ -5,7 +5,8 @@
 
        l_i = alpha · T^2 · D(p_i, q_i) + (1 - alpha) · CE(z_i, y_i) · [y_i is known]
 
-   averaged over all examples of the step. Both parts come from :func:`darkknowledge.kd_loss`.
+   averaged over all examples of the step. It is ``dk.ClassificationTask(distill_unlabelled=True)``
+   (configs: ``distill.unlabelled: distill``); :class:`TransferSetTask` is its short name here.
 
 2. The omitted-class bias correction (section 3 of the paper): a student that never saw class
    ``c`` under-predicts it; raising the bias of output ``c`` by ``delta`` restores it. ``delta``
@@ -15,19 +16,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ..losses import KDLoss, count_valid, kd_loss
 from ..train.task import ClassificationTask
 
 
 class TransferSetTask(ClassificationTask):
-    """Soft targets on every example, hard targets where the label is known.
+    """Soft targets on every example, hard targets where the label is known: the
+    :class:`ClassificationTask` with ``distill_unlabelled=True`` (see it for the formula).
 
     Batches are ``(inputs, labels)`` with ``labels == ignore_index`` for unlabelled examples.
-    Without a teacher (``loss_fn=None``) it is the plain :class:`ClassificationTask`.
+    Without a teacher (``loss_fn=None``) it is the cross-entropy of the labelled examples,
+    divided by the number of all examples.
 
     >>> import torch
     >>> task = TransferSetTask()
@@ -35,31 +35,8 @@ class TransferSetTask(ClassificationTask):
     4
     """
 
-    def count_valid(self, batch: Any) -> torch.Tensor:
-        _, labels = self._split(batch)
-        return count_valid(torch.zeros_like(labels))  # every example counts for the soft term
-
-    def distillation_loss(
-        self,
-        logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        temperature: float | torch.Tensor,
-        alpha: float,
-        kd_options: dict[str, Any],
-        normalizer: torch.Tensor | float,
-    ) -> KDLoss:
-        """Soft term over every example, hard term over the labelled ones, both divided by the
-        number of examples (``normalizer``)."""
-        options = {**kd_options, "normalizer": normalizer}
-        soft = kd_loss(logits, teacher_logits, None, temperature=temperature, alpha=1.0, **options)
-        # alpha = 0 gives the hard term alone, summed over labelled examples / all examples.
-        hard = kd_loss(
-            logits, teacher_logits, labels, temperature=1.0, alpha=0.0,
-            ignore_index=self.ignore_index, normalizer=normalizer,
-        )  # fmt: skip
-        return KDLoss(alpha * soft.total + (1.0 - alpha) * hard.hard, soft.soft, hard.hard)
+    def __init__(self, *, ignore_index: int = -100) -> None:
+        super().__init__(ignore_index=ignore_index, distill_unlabelled=True)
 
 
 def bias_for_share(logits: torch.Tensor, target_class: int, share: float) -> float:

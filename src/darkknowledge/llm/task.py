@@ -96,12 +96,12 @@ class CausalLMTask:
         loss_fn: Any = None,
         step: int = 0,
         normalizer: torch.Tensor | float | None = None,
-        signal: bool = False,
+        grad_meter: bool = False,
     ) -> TaskOutput:
         """The fused KD loss on the student's hidden states; ``loss_fn=None`` trains on labels only.
 
-        Gradient norms of the soft and hard terms are not measured (``None``): they would need
-        the logits that the fused loss exists to avoid.
+        The gradient balance (``grad_meter``) is not measured (``None``): it would need the
+        logits that the fused loss exists to avoid.
         """
         inputs = self.inputs(batch)
         hidden = last_hidden_states(student, *_on_device(student, inputs))

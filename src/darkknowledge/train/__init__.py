@@ -1,6 +1,18 @@
-"""The training loop (``Distiller``) and its parts: tasks, checkpoints, logging, signal meter."""
+"""The training loop (``Distiller``) and its parts: tasks, checkpoints, resume, signals,
+logging, the gradient meter."""
 
+from .checkpoint import CheckpointError
 from .distiller import Distiller, TrainResult
+from .interrupts import Interrupted, Terminated
 from .task import ClassificationTask, Task, TaskOutput
 
-__all__ = ["ClassificationTask", "Distiller", "Task", "TaskOutput", "TrainResult"]
+__all__ = [
+    "CheckpointError",
+    "ClassificationTask",
+    "Distiller",
+    "Interrupted",
+    "Task",
+    "TaskOutput",
+    "Terminated",
+    "TrainResult",
+]

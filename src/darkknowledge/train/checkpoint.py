@@ -1,170 +1,217 @@
-"""Checkpoints without pickle: tensors in safetensors, everything else in JSON.
+"""Checkpoint folders on disk: layout, crash-safe writing, discovery, verification, pruning.
 
-Layout of ``<output_dir>/checkpoints/step-<step:08d>/``::
+Layout of ``<output_dir>/checkpoints/step-<step:08d>/`` (what goes into the files is
+:mod:`darkknowledge.train.resume`'s business)::
 
     student.safetensors       the student's state dict
     temperature.safetensors   the LearnableTemperature's state dict (when there is one)
     optimizer.safetensors     every tensor of the optimizer's state dict, keyed by its path
     optimizer.json            the rest of the optimizer's state dict, tensors replaced by their keys
-    state.json                step, data position (epoch, batch index), world size, grad scaler
+    state.json                step, data position, world size, grad scaler, config hash, last records
+    config.json               the run's resolved config (when the Distiller was given one)
     rng-rank<r>.json          python and numpy RNG states of process r
     rng-rank<r>.safetensors   torch CPU (and CUDA) RNG states of process r
+    manifest.json             size and CRC-32 of every other file; written last
 
-A checkpoint is written into ``.tmp-step-<step>`` and renamed when complete, so a directory named
-``step-*`` is always whole.
+Writing (:func:`start`, then the files, then :func:`finish`): leftovers of a killed save
+(``.tmp-*``, ``.old-*``) are removed, the files go into ``.tmp-step-<step>``, each is fsynced,
+then the manifest, the folder, the rename to ``step-<step>`` and the parent folder. So a folder
+named ``step-*`` is complete, a power cut included, and a kill at any moment leaves at worst a
+``.tmp-*`` folder that the next save removes. Checkpoints written before manifests existed
+have none; they are checked for their required files only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import _files
+from .tree import (  # noqa: F401  (re-exported: the checkpoint format's helpers)
+    decode_tree,
+    encode_tree,
+    plain_state_dict,
+    rng_state,
+    set_rng_state,
+)
 
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+# Files every checkpoint has had since the first version (for checkpoints without a manifest).
+REQUIRED = ("state.json", "student.safetensors", "optimizer.json", "optimizer.safetensors")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or corrupted; the message names the file."""
+
+
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step-{step:08d}"
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every published checkpoint under ``output_dir``, the newest (highest step) first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step under ``output_dir``, or None."""
-    root = Path(output_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name))]
-    return max(found)[1] if found else None
+    """The published checkpoint with the highest step under ``output_dir``, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[0] if found else None
 
 
-# ---- tensors and trees -------------------------------------------------------------------
+# ---- writing -----------------------------------------------------------------------------
 
 
-def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU tensors; tied weights (shared storage) get their own copy,
-    because safetensors refuses to store two names for one buffer."""
-    seen: set[tuple[int, int]] = set()
-    plain = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            tensor = tensor.clone()
-        seen.add(key)
-        plain[name] = tensor.to("cpu").contiguous()
-    return plain
-
-
-def encode_tree(obj: Any, tensors: dict[str, torch.Tensor], path: str = "") -> Any:
-    """JSON-able copy of a nested structure; each tensor goes into ``tensors`` under its path.
-
-    Dicts with non-string keys (the optimizer's ``state`` is keyed by parameter index) and
-    tuples are tagged so that :func:`decode_tree` gives back the same structure.
-
-    >>> tensors = {}
-    >>> tree = encode_tree({"state": {0: {"step": torch.tensor(3.0)}}, "betas": (0.9, 0.99)}, tensors)
-    >>> decode_tree(tree, tensors)
-    {'state': {0: {'step': tensor(3.)}}, 'betas': (0.9, 0.99)}
-    """
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().to("cpu").contiguous()
-        return {"__tensor__": path}
-    if isinstance(obj, dict):
-        items = [
-            [encode_tree(k, tensors, ""), encode_tree(v, tensors, f"{path}.{k}".lstrip("."))]
-            for k, v in obj.items()
-        ]
-        return {"__dict__": items}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode_tree(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    raise TypeError(
-        f"cannot store a {type(obj).__name__} at {path!r} in a checkpoint (JSON or tensors only)"
-    )
-
-
-def decode_tree(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, list):
-        return [decode_tree(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__tuple__" in obj:
-            return tuple(decode_tree(v, tensors) for v in obj["__tuple__"])
-        return {decode_tree(k, tensors): decode_tree(v, tensors) for k, v in obj["__dict__"]}
-    return obj
-
-
-# ---- random number generators ------------------------------------------------------------
-
-
-def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    """This process's RNG states: python and numpy as JSON, torch (and CUDA) as tensors."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return state, tensors
-
-
-def set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-
-
-# ---- atomic files ------------------------------------------------------------------------
+def start(final: Path) -> Path:
+    """Remove leftovers of interrupted saves and create the temporary folder for ``final``
+    (main process only; the others write into it after a barrier)."""
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in [*root.glob(".tmp-*"), *root.glob(".old-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = root / f".tmp-{final.name}"
+    temporary.mkdir()
+    return temporary
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a temp file in the same directory, then ``os.replace``."""
-    _files.write_json(path, obj, indent=1)
+    """Write JSON into a checkpoint's temporary folder and fsync it (the folder is published
+    by a rename once complete, so the file itself needs no rename)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(obj, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    with _files.atomic_path(path) as temporary:
-        save_file(tensors, str(temporary))
+    save_file(tensors, str(path))
+    _fsync_file(path)
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def finish(temporary: Path, final: Path) -> Path:
+    """Write the manifest of every file in ``temporary``, then publish it as ``final``."""
+    manifest = {
+        p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+        for p in sorted(temporary.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    write_json(temporary / MANIFEST, manifest)
+    _fsync_dir(temporary)
+    publish(temporary, final)
+    return final
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path), device="cpu")
-
-
-def temp_dir_for(final: Path) -> Path:
-    return final.with_name(f".tmp-{final.name}")
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename a finished temp directory to its final name (replacing an older copy)."""
+def publish(temporary: Path, final: Path) -> None:
+    """Rename a finished temporary folder to its final name (replacing an older copy), and
+    fsync the parent so that the rename survives a power cut."""
     if final.exists():
         old = final.with_name(f".old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        os.replace(tmp, final)
+        os.replace(temporary, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, final)
+        os.replace(temporary, final)
+    _fsync_dir(final.parent)
+
+
+def prune(output_dir: str | os.PathLike, keep_last: int | None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints (None or 0: keep all). Each is
+    renamed to ``.old-*`` first, so a kill while deleting never leaves a half-deleted folder
+    that looks complete. Returns the deleted paths."""
+    if not keep_last:
+        return []
+    removed = complete_checkpoints(output_dir)[keep_last:]
+    for path in removed:
+        doomed = path.with_name(f".old-{path.name}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
+# ---- reading -----------------------------------------------------------------------------
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming the first missing or corrupted file of the
+    checkpoint at ``path`` (every file the manifest lists, with its size and CRC-32)."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        for name in REQUIRED:  # a checkpoint from before manifests existed
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint file {path / name} is missing")
+        return
+    manifest = read_json(manifest_path)
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted: {size} bytes, {expected['bytes']} were written"
+            )
+        if _crc32(file) != expected["crc32"]:
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted: its CRC-32 differs from the one written"
+            )
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {path} is missing") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"checkpoint file {path} is corrupted: {error}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
+        raise CheckpointError(f"checkpoint file {path} is corrupted: {error}") from None
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+
+def _crc32(path: Path, block: int = 1 << 22) -> int:
+    value = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            value = zlib.crc32(chunk, value)
+    return value
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a folder, so that the names in it (a rename) are on disk. Not every platform
+    can open a folder (Windows cannot); there the rename is as durable as the OS makes it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 
 def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -36,3 +37,14 @@ def step_normalizer(accelerator: Accelerator, global_count: torch.Tensor) -> tor
     """``max(global_count, 1) / world_size`` as float32: an all-ignored step gives a zero loss,
     never NaN."""
     return global_count.clamp_min(1).float() / accelerator.num_processes
+
+
+def sum_over_processes(accelerator: Accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Each named host-side sum added up over processes (the dict itself in one process)."""
+    if accelerator.num_processes == 1:
+        return sums
+    total: dict[str, float] = {}
+    for part in gather_object([sums]):
+        for name, value in part.items():
+            total[name] = total.get(name, 0.0) + value
+    return total

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 from .._files import write_text
+from .distributed import reduce_sum
+from .grad_meter import combine_grad_norms
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -56,11 +58,7 @@ class MetricLogger:
         if self.path is None or not self.path.exists():
             return
         self._file.close()
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         write_text(self.path, "".join(line + "\n" for line in kept))
         self._file = self.path.open("a")
 
@@ -71,6 +69,15 @@ class MetricLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a blank or half-written line (the run was killed while writing it)
+    counts as after every step, so it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class Throughput:
@@ -120,3 +127,42 @@ class PendingRecord:
         if self.names:
             self.record.update(zip(self.names, self.host.tolist()))
         return self.record
+
+
+def train_record(
+    accelerator: Any,
+    outputs: list,
+    *,
+    step: int,
+    epoch: int,
+    values: dict[str, Any],
+    grad_norm: torch.Tensor | None,
+    window: tuple[int, float, torch.Tensor | float],
+) -> PendingRecord:
+    """The log record of one optimizer step from its micro-batches' ``TaskOutput``s.
+
+    ``values`` holds the temperature, alpha and lr in force; ``window`` is
+    :meth:`Throughput.take`'s ``(steps, seconds, positions)``. Nothing here waits for the device.
+    """
+    parts = torch.stack([torch.stack(o.loss).detach().float() for o in outputs]).sum(0)
+    # (3,): total, soft, hard, summed over the micro-batches. Each process's parts carry
+    # 1/(global/world): their mean over processes is the global mean.
+    parts = reduce_sum(accelerator, parts) / accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
+    soft_norm = combine_grad_norms([o.soft_grad_norm for o in outputs], device)
+    hard_norm = combine_grad_norms([o.hard_grad_norm for o in outputs], device)
+    if soft_norm is not None and world > 1:
+        # The global loss is the mean of the processes' losses: its gradient at all logits is
+        # the processes' gradients / world, so the norm is sqrt(Σ_r norm_r²) / world.
+        norms = reduce_sum(accelerator, torch.stack([soft_norm, hard_norm]) ** 2).sqrt() / world
+        soft_norm, hard_norm = norms[0], norms[1]
+    record = {
+        "kind": "train", "step": step, "epoch": epoch,
+        "total": parts[0], "soft": parts[1], "hard": parts[2], **values,
+        "soft_grad_norm": soft_norm, "hard_grad_norm": hard_norm,
+    }  # fmt: skip
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    steps, seconds, positions = window
+    record.update(steps_per_s=steps / seconds, positions_per_s=positions / seconds)
+    return PendingRecord(record)

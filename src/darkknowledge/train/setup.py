@@ -1,16 +1,13 @@
-"""Construction of the Distiller's parts: argument checks, Accelerator, frozen teacher, optimizer."""
+"""Construction of the Distiller's parts: argument checks, frozen teacher, optimizer."""
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -26,95 +23,131 @@ TEACHER_DTYPES = {
 _RESERVED_LOSS_OPTIONS = ("temperature", "alpha", "normalizer", "reduction")
 
 
-def validate_arguments(args: dict[str, Any]) -> None:
+def validate_arguments(
+    *,
+    student: Any,
+    teacher: Any,
+    train_data: Any,
+    eval_data: Any,
+    task: Any,
+    temperature: Any,
+    alpha: Any,
+    loss_options: dict,
+    optimizer: Any,
+    learning_rate: Any,
+    max_steps: Any,
+    grad_accum_steps: Any,
+    log_every: Any,
+    eval_every: Any,
+    save_every: Any,
+    keep_last: Any,
+    max_grad_norm: Any,
+    mixed_precision: Any,
+    output_dir: Any,
+) -> None:
     """Check the Distiller's arguments; errors name the argument, the value and what is allowed."""
-    for name in ("max_steps", "grad_accum_steps", "log_every"):
-        value = args[name]
+    counts = (
+        ("max_steps", max_steps),
+        ("grad_accum_steps", grad_accum_steps),
+        ("log_every", log_every),
+    )
+    for name, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    for name in ("eval_every", "save_every"):
-        value = args[name]
+    for name, value in (("eval_every", eval_every), ("save_every", save_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0 (0 = never), got {value!r}")
-    if args["mixed_precision"] not in MIXED_PRECISION:
-        raise ValueError(
-            f"mixed_precision must be one of {MIXED_PRECISION}, got {args['mixed_precision']!r}"
-        )
-    if args["max_grad_norm"] is not None and not (
-        isinstance(args["max_grad_norm"], int | float) and args["max_grad_norm"] > 0
+    if keep_last is not None and (
+        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
     ):
+        raise ValueError(f"keep_last must be an int >= 1 or None (keep all), got {keep_last!r}")
+    if mixed_precision not in MIXED_PRECISION:
         raise ValueError(
-            f"max_grad_norm must be a float > 0 or None, got {args['max_grad_norm']!r}"
+            f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
         )
-    for name in ("learning_rate", "alpha"):
-        value = args[name]
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool)
+        or not isinstance(max_grad_norm, int | float)
+        or not max_grad_norm > 0
+    ):
+        raise ValueError(f"max_grad_norm must be a float > 0 or None, got {max_grad_norm!r}")
+    for name, value in (("learning_rate", learning_rate), ("alpha", alpha)):
+        if value is None and name == "learning_rate":
+            continue  # a callable optimizer keeps its own learning rate
         if not callable(value) and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise TypeError(
                 f"{name} must be a float or a schedule (step -> float), got {type(value).__name__}"
             )
-    temperature = args["temperature"]
-    if not (callable(temperature) or isinstance(temperature, int | float)) or isinstance(
-        temperature, bool
+    if isinstance(temperature, bool) or not (
+        callable(temperature) or isinstance(temperature, int | float)
     ):
         raise TypeError(
-            f"temperature must be a float, a schedule or a LearnableTemperature, got {type(temperature).__name__}"
+            "temperature must be a float, a schedule or a LearnableTemperature, got "
+            f"{type(temperature).__name__}"
         )
-    if isinstance(args["optimizer"], str) and args["optimizer"] not in OPTIMIZERS:
+    if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
         raise ValueError(
-            f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable, got {args['optimizer']!r}"
+            f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable, got {optimizer!r}"
         )
-    if args["save_every"] and args["output_dir"] is None:
-        raise ValueError(f"save_every={args['save_every']} needs output_dir, where checkpoints go")
-    if args["eval_every"] and args["eval_data"] is None:
-        raise ValueError(f"eval_every={args['eval_every']} needs eval_data")
-    reserved = sorted(set(args["loss_options"]) & set(_RESERVED_LOSS_OPTIONS))
+    if save_every and output_dir is None:
+        raise ValueError(f"save_every={save_every} needs output_dir, where checkpoints go")
+    if eval_every and eval_data is None:
+        raise ValueError(f"eval_every={eval_every} needs eval_data")
+    reserved = sorted(set(loss_options) & set(_RESERVED_LOSS_OPTIONS))
     if reserved:
         raise ValueError(
             f"loss_options may not set {reserved}: pass temperature/alpha to the Distiller; the normaliser is its own"
         )
-    task_ignore = getattr(args["task"], "ignore_index", None)
-    if (
-        "ignore_index" in args["loss_options"]
-        and args["loss_options"]["ignore_index"] != task_ignore
-    ):
+    task_ignore = getattr(task, "ignore_index", None)
+    if "ignore_index" in loss_options and loss_options["ignore_index"] != task_ignore:
         raise ValueError(
-            f"loss_options ignore_index={args['loss_options']['ignore_index']!r} differs from the task's {task_ignore!r}; set it on the task"
+            f"loss_options ignore_index={loss_options['ignore_index']!r} differs from the task's {task_ignore!r}; set it on the task"
         )
-    if isinstance(args["train_data"], Iterator) or not isinstance(args["train_data"], Iterable):
-        kind = "a one-shot iterator" if isinstance(args["train_data"], Iterator) else "not iterable"
-        raise TypeError(
-            "train_data must be re-iterable (a DataLoader or a list of batches), got "
-            f"{type(args['train_data']).__name__} ({kind})"
-        )
-    for name in ("student", "teacher"):
-        if args[name] is not None and not isinstance(args[name], torch.nn.Module):
-            raise TypeError(f"{name} must be a torch.nn.Module, got {type(args[name]).__name__}")
-    if args["teacher"] is not None:
-        student_params = {id(p) for p in args["student"].parameters()}
-        if any(id(p) in student_params for p in args["teacher"].parameters()):
+    check_batches(train_data, "train_data")
+    if eval_data is not None:
+        check_batches(eval_data, "eval_data")
+    for name, model in (("student", student), ("teacher", teacher)):
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    if teacher is not None:
+        student_params = {id(p) for p in student.parameters()}
+        if any(id(p) in student_params for p in teacher.parameters()):
             raise ValueError(
                 "student and teacher share parameters; the teacher is frozen, pass a separate student"
             )
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    # AcceleratorState is a process-wide singleton that refuses a new mixed_precision; a second
-    # Distiller in the same process (notebooks, tests) with another setting resets it.
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state()
-    # Several processes and no GPU: Accelerate only picks its CPU backend (gloo) when told so.
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_only = not torch.cuda.is_available() and not (
-        hasattr(torch, "xpu") and torch.xpu.is_available()
-    )
-    # The seedable sampler reshuffles with (seed + epoch), so a resumed run sees the same batches.
-    return Accelerator(
-        cpu=cpu_only and world_size > 1,
-        mixed_precision=mixed_precision,
-        gradient_accumulation_steps=1,  # the Distiller accumulates itself, normalising by global counts
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+def check_batches(data: Any, name: str) -> None:
+    """``data`` must be a re-iterable of batches (a DataLoader, a list of batches), not a
+    dataset of single examples (``datasets.Dataset``, ``TensorDataset``) nor an iterator.
+
+    >>> check_batches(torch.utils.data.TensorDataset(torch.zeros(4, 2)), "train_data")
+    Traceback (most recent call last):
+    ...
+    TypeError: train_data is a dataset of single examples (TensorDataset); wrap it in a DataLoader ...
+    """
+    if _is_map_dataset(data):
+        raise TypeError(
+            f"{name} is a dataset of single examples ({type(data).__name__}); wrap it in a "
+            f"DataLoader that makes batches, e.g. torch.utils.data.DataLoader({name}, "
+            "batch_size=32, shuffle=True, collate_fn=...)"
+        )
+    if isinstance(data, Iterator) or not isinstance(data, Iterable):
+        kind = "a one-shot iterator" if isinstance(data, Iterator) else "not iterable"
+        raise TypeError(
+            f"{name} must be re-iterable (a DataLoader or a list of batches), got "
+            f"{type(data).__name__} ({kind})"
+        )
+
+
+def _is_map_dataset(data: Any) -> bool:
+    """A map-style dataset (indexable examples): a torch ``Dataset`` that is not iterable-style,
+    or a Hugging Face ``datasets.Dataset`` (recognised by its module, not imported)."""
+    if isinstance(data, list | tuple | DataLoader | IterableDataset):
+        return False
+    if isinstance(data, Dataset):
+        return True
+    return type(data).__module__.split(".")[0] == "datasets" and hasattr(data, "__getitem__")
 
 
 def freeze_teacher(
@@ -138,7 +171,10 @@ def freeze_teacher(
 def build_optimizer(
     optimizer, student, temperature_module, learning_rate, weight_decay
 ) -> torch.optim.Optimizer:
-    """One optimizer for the student and the learnable temperature (without weight decay)."""
+    """One optimizer for the student and the learnable temperature (without weight decay).
+
+    A callable ``optimizer`` receives the parameter groups and keeps its own learning rate
+    when ``learning_rate`` is None; otherwise the Distiller sets it before every step."""
     groups = [
         {
             "params": [p for p in student.parameters() if p.requires_grad],
@@ -147,7 +183,6 @@ def build_optimizer(
     ]
     if temperature_module is not None:
         groups.append({"params": list(temperature_module.parameters()), "weight_decay": 0.0})
-    lr = learning_rate(0) if callable(learning_rate) else learning_rate
     if callable(optimizer):
         built = optimizer(groups)
         if not isinstance(built, torch.optim.Optimizer):
@@ -155,7 +190,12 @@ def build_optimizer(
                 f"optimizer callable must return a torch.optim.Optimizer, got {type(built).__name__}"
             )
         return built
-    return OPTIMIZERS[optimizer](groups, lr=lr)
+    return OPTIMIZERS[optimizer](groups, lr=value_at(learning_rate, 0))
+
+
+def value_at(value: Any, step: int) -> Any:
+    """A float stays a float; a schedule (any callable) is evaluated at ``step``."""
+    return value(step) if callable(value) else value
 
 
 def student_config_dict(student: torch.nn.Module, given: dict | None) -> dict | None:

@@ -1,4 +1,5 @@
-"""The signal meter: how hard each term of the objective pulls on the student's logits.
+"""The gradient meter ("gradient balance"): how hard each term of the objective pulls on the
+student's logits.
 
 For ``total = (1 - alpha)·hard + alpha·scale·soft`` the meter reports
 
@@ -9,7 +10,8 @@ right for a tensor (per-sample, learned) temperature too. It costs one extra bac
 through the loss (not the model): the hard part's gradient is taken at once with
 ``torch.autograd.grad(..., retain_graph=True)``, and the total gradient is read by a hook during
 the training step's own backward pass, which computes it anyway. The Distiller asks for the
-meter on log steps only.
+meter on log steps only (``grad_meter=True`` in ``Task.compute_loss``); it logs the two norms
+as ``soft_grad_norm`` and ``hard_grad_norm``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from ..losses import KDLoss
 
 
-def signal_grad_norms(
+def gradient_balance(
     loss: KDLoss, alpha: float, logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(soft_grad_norm, hard_grad_norm)`` of one micro-batch's loss at the student ``logits``,
@@ -32,7 +34,7 @@ def signal_grad_norms(
     >>> import torch, darkknowledge as dk
     >>> z = torch.randn(4, 3, requires_grad=True)
     >>> loss = dk.kd_loss(z, torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), temperature=2.0, alpha=1.0)
-    >>> soft, hard = signal_grad_norms(loss, 1.0, z)
+    >>> soft, hard = gradient_balance(loss, 1.0, z)
     >>> (1000.0 * loss.total).backward()  # a scaled backward pass, as with a grad scaler
     >>> bool(torch.isclose(soft, torch.linalg.vector_norm(z.grad / 1000.0))), float(hard)
     (True, 0.0)
