@@ -3,8 +3,10 @@
 - :func:`shift_labels`: the one place labels are shifted (position t predicts token t+1).
 - :func:`output_layer`, :func:`last_hidden_states`: what the fused loss needs, without logits.
 - :class:`CausalLMTask`: the :class:`darkknowledge.Distiller` task, on the fused loss.
+- :class:`PaddingCollator`: ragged examples -> one padded batch (left or right).
 """
 
+from .collate import PaddingCollator
 from .heads import (
     OutputLayer,
     last_hidden_states,
@@ -18,6 +20,7 @@ from .task import CausalLMTask
 __all__ = [
     "CausalLMTask",
     "OutputLayer",
+    "PaddingCollator",
     "last_hidden_states",
     "logit_transform",
     "logits_from_hidden",
