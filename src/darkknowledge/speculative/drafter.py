@@ -66,8 +66,9 @@ class ModelDrafter:
     Args:
         model: the draft LM; it must share the target's tokenizer.
         vocab_size: the target's vocabulary (logit width). A draft whose output layer is wider
-            (padding rows) has the extra logits cut; a narrower one gets zero probability on
-            the missing tokens. Either way the draft still reports the distribution it samples
+            (padding rows) has the extra logits cut; a narrower one gives zero probability to
+            the missing tokens, and a ValueError is raised if the target ever emits one (the
+            draft cannot read it). Either way the draft reports the distribution it samples
             from, so decoding stays exact. None: the draft's own width.
 
     After proposing k tokens from a sequence of length L its cache covers ``L + k − 1`` tokens
@@ -79,6 +80,12 @@ class ModelDrafter:
     def __init__(self, model: nn.Module, *, vocab_size: int | None = None) -> None:
         self._lm = CachedLM(model)
         self.vocab_size = vocab_size
+        embeddings = (
+            model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        )
+        weight = getattr(embeddings, "weight", None)
+        # Token ids the draft can read; only checked when the target's vocabulary is larger.
+        self._readable = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None
         self._context_length = 0
         self.forward_calls = 0
 
@@ -102,6 +109,7 @@ class ModelDrafter:
                 "call rollback(num_accepted) after each verification, reset() before a new sequence"
             )
         pending = input_ids[:, self._lm.length :]  # (1, new tokens), at least one
+        self._check_readable(pending)
         tokens, probs = [], []
         for _ in range(num_tokens):
             logits, _ = self._lm.extend(pending, keep_logits=1)
@@ -119,6 +127,17 @@ class ModelDrafter:
         keep = self._context_length + num_accepted
         if self._lm.length > keep:
             self._lm.crop(keep)
+
+    def _check_readable(self, tokens: torch.Tensor) -> None:
+        if self._readable is None or self.vocab_size is None or self.vocab_size <= self._readable:
+            return
+        largest = int(tokens.max())
+        if largest >= self._readable:
+            raise ValueError(
+                f"the target emitted token {largest}, which the draft cannot read (its embedding has "
+                f"{self._readable} rows, the target's vocabulary {self.vocab_size}); use a draft with "
+                "the target's full vocabulary"
+            )
 
     def _fit_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
         """``(V_draft,)`` logits to the target's width ``(V,)``."""
