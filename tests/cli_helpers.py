@@ -23,3 +23,14 @@ def tiny_data(size: int = 48, seed: int = 0) -> tuple[TensorDataset, TensorDatas
 
 
 NOT_CALLABLE = 3
+
+
+def ranked_data(size: int = 48, marks: str = ".") -> tuple[TensorDataset, TensorDataset]:
+    """:func:`tiny_data`, and a file ``rank-<RANK>-of-<WORLD_SIZE>`` in ``marks`` saying which
+    process of how many built it (the launchers set RANK and WORLD_SIZE; one process: 0 of 1)."""
+    import os
+    from pathlib import Path
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    Path(marks, f"rank-{rank}-of-{world}").write_text(str(os.getpid()))
+    return tiny_data(size)

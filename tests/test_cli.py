@@ -103,7 +103,7 @@ def test_cli_distill_train_eval_with_user_code(tmp_path, capsys):
     path = write_config(tmp_path, {**TINY, "train": {**TINY["train"], "output_dir": str(out)}})
     assert main(["distill", path, "distill.alpha=0.7"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["stage"] for r in results] == ["student"] and results[0]["step"] == 6
+    assert [r["stage"] for r in results] == ["teacher", "student"] and results[1]["step"] == 6
     assert (out / "student" / "model.safetensors").exists() and (
         out / "student" / "metrics.jsonl"
     ).exists()
@@ -116,9 +116,10 @@ def test_cli_distill_train_eval_with_user_code(tmp_path, capsys):
     assert main(["eval", path, "--checkpoint", str(out / "student")]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["count"] == 12 and 0 <= metrics["accuracy"] <= 1
-    assert abs(metrics["accuracy"] - results[0]["eval_accuracy"]) < 1e-6
-    assert main(["train", path, "train.max_steps=3"]) == 0
-    assert json.loads((out / "results.json").read_text())[0]["stage"] == "baseline"
+    assert abs(metrics["accuracy"] - results[1]["eval_accuracy"]) < 1e-6
+    baseline = tmp_path / "baseline"  # a dk train into the dk distill folder would be refused
+    assert main(["train", path, "train.max_steps=3", f"train.output_dir={baseline}"]) == 0
+    assert json.loads((baseline / "results.json").read_text())[0]["stage"] == "baseline"
     # Weights of another shape: a one-line error, not a traceback.
     assert main(["eval", path, "student.args.width=5", "--checkpoint", str(out / "student")]) == 2
     assert "does not fit the model" in one_line_error(capsys, "eval")
@@ -164,3 +165,103 @@ def test_cli_labelled_fraction_transfer_set(tmp_path, capsys):
     raw["data"] = {"name": "cli_helpers:tiny_data", "labelled_fraction": 0.5}
     assert main(["validate", write_config(tmp_path, raw)]) == 2
     assert "data.labelled_fraction: only the built-in digits" in capsys.readouterr().err
+
+
+def test_cli_validate_checks_what_distill_will_need(tmp_path, capsys):
+    """Missing checkpoint files and unimportable or uncallable user code, all listed at once."""
+    raw = {
+        "teacher": {"hidden": [8], "checkpoint": str(tmp_path / "teacher.safetensors")},
+        "student": {"name": "cli_helpers:NOT_CALLABLE", "checkpoint": "missing/student.st"},
+        "data": {"name": "no_such_package_xyz:load"},
+    }
+    assert main(["validate", write_config(tmp_path, raw)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith("config.yaml: 4 problem(s)")
+    assert sorted(line.split()[0] for line in err[1:]) == [
+        "data.name",
+        "student.checkpoint:",
+        "student.name",
+        "teacher.checkpoint:",
+    ]
+    text = "\n".join(err)
+    assert f"teacher.checkpoint: no file {str(tmp_path / 'teacher.safetensors')!r}" in text
+    assert "'cli_helpers:NOT_CALLABLE' is a int, not a callable" in text
+    assert "cannot import module 'no_such_package_xyz'" in text
+    # The same config without those problems is fine, with or without a teacher.
+    good = {
+        "student": {"name": "cli_helpers:tiny_model"},
+        "data": {"name": "cli_helpers:tiny_data"},
+    }
+    path = write_config(tmp_path, good, "good.yaml")
+    assert main(["validate", path]) == 2  # dk distill needs a teacher...
+    assert "teacher: missing: dk distill needs a teacher" in capsys.readouterr().err
+    assert main(["validate", path, "--for", "train"]) == 0  # ... dk train does not
+    assert capsys.readouterr().out.strip() == f"{path}: ok for dk train"
+
+
+def test_cli_validate_empty_or_non_mapping_config(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert main(["validate", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "config: the file is empty; dk distill needs `student` and `teacher` sections" in err
+    for text, kind in (("- student\n- teacher\n", "list"), ("3\n", "int"), ("hello\n", "str")):
+        bad = tmp_path / f"{kind}.yaml"
+        bad.write_text(text)
+        for command in ("validate", "distill"):
+            assert main([command, str(bad)]) == 2
+            err = capsys.readouterr().err
+            assert (
+                f"the top level must be a mapping of sections (student:, teacher:, data:, distill:, train:), got {kind}"
+                in err
+            )
+            assert "dictionary update sequence" not in err
+
+
+def test_cli_user_code_in_the_current_folder_or_next_to_the_config(tmp_path):
+    """No PYTHONPATH: the `dk` script's own folder is the virtualenv's bin/, so the current
+    folder and the config's folder must be searched by the command itself."""
+    for where in ("cwd", "config"):
+        module = f"my_models_{where}"
+        code_dir = tmp_path / where
+        code_dir.mkdir()
+        (code_dir / f"{module}.py").write_text(
+            "import torch\n\n\ndef make(width=4):\n    return torch.nn.Linear(64, 10)\n"
+        )
+        config_dir = code_dir if where == "config" else tmp_path / "configs"
+        config_dir.mkdir(exist_ok=True)
+        raw = {"student": {"name": f"{module}:make"}, "train": {"max_steps": 1, "progress": False}}
+        path = write_config(config_dir, raw, f"{where}.yaml")
+        run_from = code_dir if where == "cwd" else tmp_path
+        # -I: no PYTHONPATH and no current folder on sys.path, as for the installed `dk` script
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", "import sys; from darkknowledge.cli import main; sys.exit(main())",
+             "validate", path, "--for", "train"],
+            capture_output=True, text=True, timeout=120, cwd=run_from,
+        )  # fmt: skip
+        assert done.returncode == 0, (where, done.stderr)
+        assert done.stdout.strip() == f"{path}: ok for dk train"
+
+
+def test_cli_eval_accepts_a_checkpoint_folder_an_export_or_a_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    train = {**TINY["train"], "output_dir": str(out), "save_every": 3}
+    path = write_config(tmp_path, {**TINY, "train": train})
+    assert main(["distill", path]) == 0
+    step = out / "student" / "checkpoints" / "step-00000006"
+    assert (step / "student.safetensors").is_file()
+    capsys.readouterr()
+    results = []
+    for checkpoint in (step, out / "student", out / "student" / "model.safetensors"):
+        assert main(["eval", path, "--checkpoint", str(checkpoint)]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert results[0] == results[1] == results[2]  # the same final weights, three ways
+    earlier = out / "student" / "checkpoints" / "step-00000003"
+    assert main(["eval", path, "--checkpoint", str(earlier)]) == 0
+    assert json.loads(capsys.readouterr().out.strip())["loss"] != results[0]["loss"]
+    # A folder with no weights: one line that points at the latest checkpoint.
+    (out / "student" / "model.safetensors").unlink()
+    assert main(["eval", path, "--checkpoint", str(out / "student")]) == 2
+    err = one_line_error(capsys, "eval")
+    assert "holds neither model.safetensors nor student.safetensors" in err
+    assert f"its latest checkpoint is {step}" in err

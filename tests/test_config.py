@@ -188,3 +188,72 @@ def test_config_reference_documents_every_field_once():
     docs = (ROOT / "docs" / "cli.md").read_text()
     missing = [path for path in paths if f"`{path}`" not in docs]
     assert not missing, f"docs/cli.md lacks {missing}"
+
+
+def test_config_top_level_must_be_a_mapping(tmp_path):
+    for text, kind in (("- a\n- b\n", "list"), ("2.5\n", "float")):
+        path = tmp_path / "config.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"top level must be a mapping .*, got {kind}"):
+            load_config(path)
+    assert check_config([1])[1][0].startswith("the top level must be a mapping")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        apply_overrides([1], ["train.max_steps=1"])
+
+
+def test_config_presets_are_packaged_and_found_by_name(tmp_path, monkeypatch):
+    """The package's presets are the repository's configs/ (no copy to drift), by name."""
+    from darkknowledge.config import presets, resolve_config
+
+    assert presets() == [path.stem for path in PRESETS]
+    for path in PRESETS:
+        packaged = resolve_config(path.stem)
+        assert packaged.read_bytes() == path.read_bytes(), path.name
+        assert resolve_config(path.name) == packaged
+    monkeypatch.chdir(tmp_path)  # anywhere, not in a clone
+    assert load_config("digits_kd").student is not None
+    (tmp_path / "digits_kd.yaml").write_text("student: {hidden: [3]}\n")  # a local file wins
+    assert load_config("digits_kd.yaml").student.hidden == (3,)
+    with pytest.raises(FileNotFoundError, match=r"no preset of that name \(presets: digits_few"):
+        load_config("digits_kdd")
+
+
+def test_config_presets_ship_in_the_built_package(tmp_path):
+    """`pip install .` from a clone: the wheel carries the presets, and the installed package
+    (not this checkout) finds them by name."""
+    import shutil
+    import subprocess
+    import sys
+
+    clone = tmp_path / "clone"  # built from a copy: the build leaves build/ and egg-info behind
+    shutil.copytree(
+        ROOT / "src",
+        clone / "src",
+        symlinks=True,
+        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"),
+    )
+    shutil.copytree(ROOT / "configs", clone / "configs")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, clone / name)
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", str(clone), "--no-deps", "--no-build-isolation", "-w", str(wheels)]
+    subprocess.run(build, check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    (wheel,) = wheels.glob("darkknowledge-*.whl")
+    install = [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    assert sorted(p.name for p in (target / "darkknowledge" / "configs").iterdir()) == [
+        p.name for p in PRESETS
+    ]
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import darkknowledge.config as c; "
+        "print(c.resolve_config('digits_kd')); print(c.load_config('digits_kd').train.max_steps)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", code, str(target)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found, steps = done.stdout.split()
+    assert found == str(target / "darkknowledge" / "configs" / "digits_kd.yaml")
+    assert int(steps) == load_config(ROOT / "configs" / "digits_kd.yaml").train.max_steps

@@ -5,13 +5,20 @@ A module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
 when their command runs, so ``dk --help`` stays fast (transformers is slow to import).
 
 Bad input (``ValueError``, ``TypeError``, a missing file) prints one line and exits with 2.
+
+User code named in a config (``package.module:callable``) is found in the current folder and
+in the config's folder, as ``python -m`` would find a module there, without ``PYTHONPATH=.``.
+Installed packages come first: the folders are appended to ``sys.path``, for the command only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
+from collections.abc import Iterator
 
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub)
     args = sub.parse_args(argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
     try:
-        return int(module.run(args) or EXIT_OK)
+        with _user_code_folders(getattr(args, "config", None)):
+            return int(module.run(args) or EXIT_OK)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"dk {known.command}: error: {message}", file=sys.stderr)
@@ -89,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dk {known.command}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _user_code_folders(config: str | None) -> Iterator[None]:
+    """The current folder and the config's folder on ``sys.path`` while the command runs (the
+    ``dk`` script's own folder is the virtual environment's bin/, so neither is there)."""
+    folders = [os.getcwd()]
+    if isinstance(config, str) and os.path.isfile(config):
+        folders.append(os.path.dirname(os.path.abspath(config)))
+    added = [f for f in dict.fromkeys(folders) if f not in sys.path]
+    sys.path.extend(added)
+    try:
+        yield
+    finally:
+        for folder in added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(folder)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,13 @@ def import_callable(reference: str, what: str = "callable") -> Callable[..., Any
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ValueError(
-            f"{what} {reference!r}: cannot import module {module_name!r} ({error})"
+            f"{what} {reference!r}: cannot import module {module_name!r} ({error}); the dk "
+            "command looks in the current folder, the config's folder and the installed packages"
+        ) from None
+    except Exception as error:  # the module itself failed while importing: say which and why
+        raise ValueError(
+            f"{what} {reference!r}: importing module {module_name!r} failed: "
+            f"{type(error).__name__}: {error}"
         ) from None
     target: Any = module
     for part in attribute.split("."):

@@ -1,4 +1,9 @@
-"""``dk eval CONFIG --checkpoint PATH``: evaluate saved student weights on the config's eval data."""
+"""``dk eval CONFIG --checkpoint PATH``: evaluate saved student weights on the config's eval data.
+
+``PATH`` is a ``.safetensors`` file, or a folder holding one: an exported student
+(``<run>/student/model.safetensors``, from ``dk distill``) or a training checkpoint
+(``<run>/student/checkpoints/step-00000100/student.safetensors``).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,37 @@ from ..config import load_config
 from ._build import build_data, loaders, model_from_spec
 from ._run import add_config_arguments
 
+# The weights file inside a folder: an export first, then a training checkpoint.
+WEIGHT_FILES = ("model.safetensors", "student.safetensors")
+
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
     parser.add_argument(
         "--checkpoint",
         required=True,
-        help="student weights: a .safetensors file, or a folder holding model.safetensors (from dk distill)",
+        help="student weights: a .safetensors file, a folder holding model.safetensors (an export "
+        "of dk distill), or a checkpoint folder holding student.safetensors "
+        "(<run>/student/checkpoints/step-N)",
+    )
+
+
+def weights_file(path: str) -> str:
+    """The safetensors file that ``path`` names or holds."""
+    if not os.path.isdir(path):
+        return path  # a file, or a missing path that load_weights reports
+    for name in WEIGHT_FILES:
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    hint = ""
+    steps_folder = os.path.join(path, "checkpoints")
+    if os.path.isdir(steps_folder):
+        steps = sorted(n for n in os.listdir(steps_folder) if n.startswith("step-"))
+        if steps:
+            hint = f"; its latest checkpoint is {os.path.join(steps_folder, steps[-1])}"
+    raise FileNotFoundError(
+        f"--checkpoint {path!r}: the folder holds neither {' nor '.join(WEIGHT_FILES)}{hint}"
     )
 
 
@@ -28,10 +57,8 @@ def run(args) -> int:
         raise ValueError(
             "the config has no `student` section (nor `stages`) to load the checkpoint into"
         )
+    checkpoint = weights_file(args.checkpoint)
     bundle = build_data(config.data)
-    checkpoint = args.checkpoint
-    if os.path.isdir(checkpoint):  # a folder written by dk distill / export_student
-        checkpoint = os.path.join(checkpoint, "model.safetensors")
     student = load_weights(model_from_spec(config.students[-1], bundle), checkpoint)
     train_loader, eval_loader = loaders(bundle, config.data, config.train.seed)
     distiller = Distiller(

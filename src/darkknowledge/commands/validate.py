@@ -1,18 +1,35 @@
-"""``dk validate CONFIG [key=value ...]``: check a config and list every problem at once.
+"""``dk validate CONFIG [key=value ...] [--for distill|train|eval]``: every problem at once.
 
-Exit code 0 when the config is valid, 2 otherwise (one line per problem, each naming its field).
+Checks the config itself (keys, values, schedules) and then what the command will need from
+the machine: the sections it reads, the checkpoint files, and every
+``package.module:callable`` (imported and checked to be callable). Exit code 0 when all is
+well, 2 otherwise (one line per problem, each naming its field).
 """
 
 from __future__ import annotations
 
 import sys
 
-from ..config import ConfigError, apply_overrides, check_config, read_yaml
+from ..config import (
+    COMMANDS,
+    ConfigError,
+    apply_overrides,
+    check_config,
+    check_environment,
+    read_yaml,
+)
 from ._run import add_config_arguments
 
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
+    parser.add_argument(
+        "--for",
+        dest="command",
+        choices=COMMANDS,
+        default="distill",
+        help="the command the config is meant for (default: distill, which needs a teacher)",
+    )
 
 
 def run(args) -> int:
@@ -21,11 +38,18 @@ def run(args) -> int:
     except ConfigError as error:
         problems = error.errors
     else:
-        _, problems = check_config(raw)
+        config, problems = check_config(raw)
+        if not raw:
+            needs = (
+                "`student` and `teacher` sections" if args.command == "distill" else "a `student`"
+            )
+            problems = [f"config: the file is empty; dk {args.command} needs {needs}"]
+        elif config is not None:
+            problems += check_environment(config, command=args.command)
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
         return 2
-    print(f"{args.config}: ok")
+    print(f"{args.config}: ok for dk {args.command}")
     return 0

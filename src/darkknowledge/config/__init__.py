@@ -22,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from .fields import build_section, docs, thaw
+from .environment import COMMANDS, check_environment
+from .fields import build_section, docs, thaw, top_level_problem
+from .presets import presets, resolve_config
 from .schema import (
     Config,
     DataConfig,
@@ -34,6 +36,7 @@ from .schema import (
 )
 
 __all__ = [
+    "COMMANDS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -44,10 +47,13 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "check_config",
+    "check_environment",
     "config_from_dict",
     "load_config",
+    "presets",
     "read_yaml",
     "reference",
+    "resolve_config",
     "thaw",
 ]
 
@@ -67,16 +73,23 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{self.errors[0]}{more}")
 
 
-def read_yaml(path: str | os.PathLike) -> Any:
-    """The YAML document at ``path`` (safe_load: plain data only, no tags that run code)."""
-    with open(path, encoding="utf-8") as handle:
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The config mapping in the YAML file at ``path`` (safe_load: plain data only, no tags
+    that run code); an empty file is an empty mapping, any other top level an error. ``path``
+    may also name a packaged preset (``digits_kd``, see :func:`presets`)."""
+    with open(resolve_config(path), encoding="utf-8") as handle:
         try:
-            return yaml.safe_load(handle) or {}
+            document = yaml.safe_load(handle)
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             raise ConfigError([f"not valid YAML{where}: {problem}"], str(path)) from None
+    if document is None:
+        return {}
+    if not isinstance(document, Mapping):
+        raise ConfigError([top_level_problem(document)], str(path))
+    return dict(document)
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -85,6 +98,8 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
     >>> apply_overrides({"train": {"max_steps": 5}}, ["train.max_steps=100", "distill.alpha=0.5"])
     {'train': {'max_steps': 100}, 'distill': {'alpha': 0.5}}
     """
+    if not isinstance(raw, Mapping):
+        raise ConfigError([top_level_problem(raw)])
     result = copy.deepcopy(dict(raw))
     errors = []
     for item in overrides:

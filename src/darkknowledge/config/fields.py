@@ -50,7 +50,11 @@ def suggest(key: str, valid: list[str]) -> str:
 def build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
     """Build dataclass ``cls`` from mapping ``raw``; record problems under ``path``."""
     if not isinstance(raw, Mapping):
-        errors.append(f"{path or 'config'}: expected a mapping of keys, got {_describe(raw)}")
+        errors.append(
+            f"{path}: expected a mapping of keys, got {_describe(raw)}"
+            if path
+            else top_level_problem(raw)
+        )
         return INVALID
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -71,6 +75,15 @@ def build_section(cls: type, raw: Any, path: str, errors: list[str]) -> Any:
         return cls(**values)
     except TypeError:  # a required field is missing; its converter or the caller reports it
         return INVALID
+
+
+def top_level_problem(document: Any) -> str:
+    """The error for a config whose top level is not a mapping (a list, a number, a string)."""
+    kind = "null" if document is None else type(document).__name__
+    return (
+        f"the top level must be a mapping of sections (student:, teacher:, data:, distill:, "
+        f"train:), got {kind} {document!r:.60}"
+    )
 
 
 def docs(
