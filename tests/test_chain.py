@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,58 @@ def test_chain_from_config(tmp_path: Path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["distill", str(path)]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [r["stage"] for r in results] == ["stage0", "stage1"]
+    assert [r["stage"] for r in results] == ["teacher", "stage0", "stage1"]
+    assert results[0]["step"] == 10 and 0 <= results[0]["eval_accuracy"] <= 1
     assert all(
         (tmp_path / "run" / name / "model.safetensors").exists()
         for name in ("teacher", "stage0", "stage1")
     )
     out = capsys.readouterr().out
     assert out.index("stage0 (") < out.index("stage1 (")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_chain_resume_loads_finished_stages_and_continues_the_rest(tmp_path: Path, capsys):
+    config = {
+        "teacher": {"name": "cli_helpers:tiny_model", "args": {"width": 16}, "train_steps": 6},
+        "stages": [
+            {"name": "cli_helpers:tiny_model", "args": {"width": 8}, "dropout": 0.0},
+            {"name": "cli_helpers:tiny_model", "args": {"width": 4}},
+        ],
+        "data": {"name": "cli_helpers:tiny_data", "batch_size": 12},
+        "train": {"max_steps": 6, "save_every": 2, "log_every": 1, "progress": False},
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["distill", str(path), f"train.output_dir={whole}"]) == 0
+    assert main(["distill", str(path), f"train.output_dir={cut}"]) == 0
+    # As if killed during stage1 after its step-4 checkpoint: its later outputs are gone.
+    stage1 = cut / "stage1"
+    for name in ("summary.json", "model.safetensors"):
+        (stage1 / name).unlink()
+    shutil.rmtree(stage1 / "checkpoints" / "step-00000006")
+    finished = {name: (cut / name / "metrics.jsonl").read_text() for name in ("teacher", "stage0")}
+    capsys.readouterr()
+    assert main(["distill", str(path), f"train.output_dir={cut}", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher (cli_helpers:tiny_model): finished before, loaded from" in out
+    assert "stage0 (cli_helpers:tiny_model): finished before" in out
+    assert "stage1 (cli_helpers:tiny_model): distilling" in out
+    for name, log in finished.items():  # not retrained: their logs are untouched
+        assert (cut / name / "metrics.jsonl").read_text() == log
+    records = [json.loads(line) for line in (stage1 / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for name in ("teacher", "stage0", "stage1"):
+        expected, got = _weights(whole / name), _weights(cut / name)
+        assert all(torch.equal(got[k], v) for k, v in expected.items()), name
+    results = json.loads((cut / "results.json").read_text())
+    reference = json.loads((whole / "results.json").read_text())
+    assert [r["stage"] for r in results] == ["teacher", "stage0", "stage1"]
+    for ours, theirs in zip(results, reference):
+        assert (ours["total"], ours["eval_accuracy"]) == (theirs["total"], theirs["eval_accuracy"])

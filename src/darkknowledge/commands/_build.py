@@ -152,6 +152,7 @@ def distiller_kwargs(
         "mixed_precision": train.mixed_precision,
         "eval_every": train.eval_every,
         "save_every": train.save_every,
+        "keep_last": train.keep_last,
         "output_dir": output_dir,
         "log_every": train.log_every,
         "seed": train.seed,

@@ -1,25 +1,24 @@
-"""What ``dk distill`` and ``dk train`` share: build everything from a config and train it."""
+"""What ``dk distill`` and ``dk train`` share: build everything from a config and train it,
+stage by stage (teacher, assistants, student), resumable (see :mod:`._output_dir`)."""
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._files import write_json
 from ..chain import distill_chain, freeze
-from ..config import Config
-from ._build import (
-    IGNORE,
-    DataBundle,
-    build_data,
-    distiller_kwargs,
-    loaders,
-    model_from_spec,
-    subdir,
-)
+from ..config import Config, thaw
+from ..models import load_weights
+from ..train import ClassificationTask, Interrupted, Terminated
+from ..train.fingerprint import config_hash
+from . import _output_dir as outputs
+from ._build import DataBundle, build_data, distiller_kwargs, loaders, model_from_spec, subdir
+
+SHOWN = ("step", "total", "eval_loss", "eval_accuracy")
 
 
 def add_config_arguments(parser) -> None:
@@ -32,78 +31,27 @@ def add_config_arguments(parser) -> None:
     )
 
 
-def _describe(spec) -> str:
-    return f"{spec.name} {list(spec.hidden)}" if spec.hidden else spec.name
-
-
-def _fit(
-    model: nn.Module,
-    teacher: nn.Module | None,
-    config: Config,
-    bundle: DataBundle,
-    output_dir,
-    max_steps=None,
-    *,
-    student: bool = True,
-):
-    """Train ``model`` (the teacher when ``student`` is False: on every label)."""
-    from ..train import Distiller
-
-    train_set, task = None, None
-    if student:
-        train_set = bundle.student_train(distill=teacher is not None)
-        if bundle.labelled is not None and teacher is not None:
-            from ..demo.transfer import TransferSetTask
-
-            task = TransferSetTask(ignore_index=IGNORE)  # soft targets on unlabelled examples too
-    train_loader, eval_loader = loaders(bundle, config.data, config.train.seed, train_set)
-    kwargs = distiller_kwargs(
-        config, num_classes=bundle.num_classes, distill=teacher is not None, output_dir=output_dir
+def add_run_arguments(parser) -> None:
+    """The config, its overrides, and what to do with a used ``train.output_dir``."""
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in train.output_dir: finished stages are loaded, the others "
+        "continue from their newest complete checkpoint (or start, if they have none)",
     )
-    if max_steps is not None:
-        kwargs["max_steps"] = max_steps
-    if teacher is not None:
-        kwargs["teacher_dtype"] = config.teacher.dtype
-    distiller = Distiller(model, teacher, train_loader, eval_data=eval_loader, task=task, **kwargs)
-    result = distiller.fit()
-    return distiller, result
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete a previous run's outputs in train.output_dir and start afresh",
+    )
 
 
-def _metrics(distiller, result) -> dict[str, Any]:
-    final = dict(result.final) if result.final else {}
-    return final or distiller.evaluate()
-
-
-def _teacher(config: Config, bundle: DataBundle) -> nn.Module:
-    spec = config.teacher
-    teacher = model_from_spec(spec, bundle)
-    if spec.checkpoint is None and spec.train_steps > 0:
-        _say(f"teacher ({_describe(spec)}): training from labels for {spec.train_steps} steps")
-        output_dir = subdir(config.train.output_dir, "teacher")
-        distiller, result = _fit(
-            teacher, None, config, bundle, output_dir, spec.train_steps, student=False
-        )
-        _say(f"teacher: {_format(_metrics(distiller, result))}")
-        # Reusable as teacher.checkpoint=<train.output_dir>/teacher/model.safetensors.
-        if output_dir is not None:
-            distiller.export_student(output_dir)
-    elif spec.checkpoint is None:
-        _say(
-            "teacher: no checkpoint and train_steps=0: used as built (its callable may load weights)"
-        )
-    return freeze(teacher)
-
-
-SHOWN = ("step", "total", "eval_loss", "eval_accuracy")
-
-
-def _format(metrics: dict[str, Any]) -> str:
-    shown = [(k, metrics[k]) for k in SHOWN if metrics.get(k) is not None]
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
-
-
-def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
-    """Train the config's student(s); with ``distill``, through the teacher (and stages)."""
+def run_config(
+    config: Config, *, distill: bool, resume: bool = False, overwrite: bool = False
+) -> list[dict[str, Any]]:
+    """Train the config's student(s); with ``distill``, through the teacher (and stages).
+    Returns one summary per stage, the teacher's first (also ``results.json``)."""
     if not config.students:
         raise ValueError(
             "the config has no `student` section (nor `stages`); add one, e.g. student: {hidden: [16]}"
@@ -112,35 +60,168 @@ def run_config(config: Config, *, distill: bool) -> list[dict[str, Any]]:
         raise ValueError(
             "dk distill needs a `teacher` section; use `dk train` to train from labels alone"
         )
-    torch.manual_seed(config.train.seed)
-    bundle = build_data(config.data)
     output_dir = config.train.output_dir
-    summaries: list[dict[str, Any]] = []
-
-    def fit(index: int, student: nn.Module, teacher: nn.Module | None) -> dict[str, Any]:
-        spec = config.students[index] if distill else config.students[-1]
-        if not distill:
-            name = "baseline"
-        else:
-            name = f"stage{index}" if len(config.students) > 1 else "student"
-        doing = "distilling" if teacher is not None else "training from labels alone"
-        _say(f"{name} ({_describe(spec)}): {doing}")
-        distiller, result = _fit(student, teacher, config, bundle, subdir(output_dir, name))
-        metrics = _metrics(distiller, result)
-        _say(f"{name}: {_format(metrics)}")
-        if output_dir is not None:  # <output_dir>/<name>/model.safetensors
-            distiller.export_student(os.path.join(output_dir, name))
-        summaries.append({"stage": name, "model": _describe(spec), **metrics})
-        return metrics
-
-    if distill:
-        students = [model_from_spec(spec, bundle) for spec in config.students]
-        distill_chain(_teacher(config, bundle), students, fit)
-    else:
-        fit(0, model_from_spec(config.students[-1], bundle), None)
+    if output_dir is None and (resume or overwrite):
+        raise ValueError("--resume and --overwrite need train.output_dir (it is null)")
+    resolved = thaw(config)
     if output_dir is not None and _is_main_process():
-        write_json(os.path.join(output_dir, "results.json"), summaries)
+        command = "distill" if distill else "train"
+        outputs.prepare(output_dir, command, resolved, resume=resume, overwrite=overwrite)
+    try:
+        summaries = _Stages(config, resolved, resume).run(distill)
+    except (Interrupted, Terminated) as stop:
+        _say(stop.describe("--resume"), file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    if output_dir is not None and _is_main_process():
+        results = outputs.write_results(output_dir, summaries)
+        _say_where(output_dir, summaries, results)
     return summaries
+
+
+class _Stages:
+    """The stages of one run, in order; a finished stage is loaded on ``--resume``."""
+
+    def __init__(self, config: Config, resolved: dict[str, Any], resume: bool) -> None:
+        self.config, self.resolved, self.resume = config, resolved, resume
+        self.summaries: list[dict[str, Any]] = []
+        self.trained = False  # once a stage trains, later stages' old outputs are stale
+
+    def run(self, distill: bool) -> list[dict[str, Any]]:
+        config = self.config
+        torch.manual_seed(config.train.seed)
+        self.bundle = build_data(config.data)
+        if not distill:
+            student = model_from_spec(config.students[-1], self.bundle)
+            self.stage("baseline", student, None, _describe(config.students[-1]))
+            return self.summaries
+        students = [model_from_spec(spec, self.bundle) for spec in config.students]
+        teacher = self.teacher()
+        names = [f"stage{i}" if len(students) > 1 else "student" for i in range(len(students))]
+
+        def fit(index: int, student: nn.Module, current: nn.Module) -> dict[str, Any]:
+            return self.stage(names[index], student, current, _describe(config.students[index]))
+
+        distill_chain(teacher, students, fit)
+        return self.summaries
+
+    def teacher(self) -> nn.Module:
+        spec = self.config.teacher
+        teacher = model_from_spec(spec, self.bundle)
+        if spec.checkpoint is None and spec.train_steps > 0:
+            self.stage("teacher", teacher, None, _describe(spec), max_steps=spec.train_steps)
+            return freeze(teacher)
+        source = spec.checkpoint or "as built (train_steps=0: its callable may load weights)"
+        _say(f"teacher ({_describe(spec)}): {source}")
+        metrics = _evaluate(teacher, self.bundle, self.config)
+        self.summaries.append(
+            {"stage": "teacher", "model": _describe(spec), "source": source, **metrics}
+        )
+        _say(f"teacher: {_format(metrics)}")
+        return freeze(teacher)
+
+    def stage(
+        self,
+        name: str,
+        model: nn.Module,
+        teacher: nn.Module | None,
+        description: str,
+        *,
+        max_steps: int | None = None,
+    ) -> dict[str, Any]:
+        """Train ``model`` as stage ``name`` (or load it, when it finished before)."""
+        config = self.config
+        max_steps = config.train.max_steps if max_steps is None else max_steps
+        stage_dir = subdir(config.train.output_dir, name)
+        done = None if self.trained else outputs.finished_stage(stage_dir, max_steps, self.resolved)
+        if self.resume and done is not None:
+            load_weights(model, os.path.join(stage_dir, "model.safetensors"))
+            _say(
+                f"{name} ({description}): finished before, loaded from {stage_dir} (not retrained)"
+            )
+            self.summaries.append(done)
+            return done
+        if self.trained:
+            outputs.discard_stage(stage_dir)  # trained on an older version of its teacher
+        self.trained = True
+        doing = "distilling" if teacher is not None else "training from labels alone"
+        _say(f"{name} ({description}): {doing} for {max_steps} steps")
+        distiller = self._distiller(name, model, teacher, stage_dir, max_steps)
+        result = distiller.fit(resume=self.resume)
+        metrics = dict(result.final) if result.final else distiller.evaluate()
+        _say(f"{name}: {_format(metrics)}")
+        summary = {"stage": name, "model": description, **metrics}
+        if stage_dir is not None:
+            distiller.export_student(stage_dir)  # <output_dir>/<name>/model.safetensors
+            summary.update(
+                weights=os.path.join(stage_dir, "model.safetensors"), max_steps=max_steps
+            )
+            if _is_main_process():
+                summary_file = {**summary, "config_hash": config_hash(self.resolved)}
+                outputs.write_summary(stage_dir, summary_file)
+        self.summaries.append(summary)
+        return summary
+
+    def _distiller(self, name, model, teacher, stage_dir, max_steps):
+        from ..train import Distiller
+
+        config, bundle = self.config, self.bundle
+        distill = teacher is not None
+        train_set = bundle.student_train(distill=distill) if name != "teacher" else None
+        task = None
+        transfer = bundle.labelled is not None or config.distill.unlabelled == "distill"
+        if distill and transfer:  # soft targets on unlabelled examples too
+            task = ClassificationTask(ignore_index=-100, distill_unlabelled=True)
+        train_loader, eval_loader = loaders(bundle, config.data, config.train.seed, train_set)
+        kwargs = distiller_kwargs(
+            config, num_classes=bundle.num_classes, distill=distill, output_dir=stage_dir
+        )
+        kwargs.update(max_steps=max_steps, config=self.resolved)
+        if distill:
+            kwargs["teacher_dtype"] = config.teacher.dtype
+        return Distiller(model, teacher, train_loader, eval_data=eval_loader, task=task, **kwargs)
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, bundle: DataBundle, config: Config) -> dict[str, float]:
+    """``eval_loss``, ``eval_accuracy``, ``eval_count`` of a model that is not trained here."""
+    _, eval_loader = loaders(bundle, config.data, config.train.seed)
+    task, sums = ClassificationTask(), {}
+    was_training = model.training
+    model.eval()
+    for batch in eval_loader:
+        for key, value in task.eval_sums(model, batch).items():
+            sums[key] = sums.get(key, 0.0) + value
+    model.train(was_training)
+    count = sums.get("count", 0.0)
+    return {
+        "eval_loss": sums.get("loss", 0.0) / max(count, 1.0),
+        "eval_accuracy": sums.get("correct", 0.0) / max(count, 1.0),
+        "eval_count": count,
+    }
+
+
+def _describe(spec) -> str:
+    return f"{spec.name} {list(spec.hidden)}" if spec.hidden else spec.name
+
+
+def _format(metrics: dict[str, Any]) -> str:
+    shown = [(k, metrics[k]) for k in SHOWN if metrics.get(k) is not None]
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown)
+
+
+def _say_where(output_dir: str, summaries: list[dict[str, Any]], results: str) -> None:
+    trained = [s["stage"] for s in summaries if "weights" in s]
+    last = summaries[-1]
+    _say(f"done; outputs in {output_dir}:")
+    if "weights" in last:
+        _say(
+            f"  weights:     {last['weights']} (every stage: {output_dir}/<stage>/model.safetensors)"
+        )
+    if trained:
+        _say(f"  logs:        {output_dir}/{{{','.join(trained)}}}/metrics.jsonl; "
+             f"TensorBoard: tensorboard --logdir {output_dir}")  # fmt: skip
+        _say(f"  checkpoints: {output_dir}/<stage>/checkpoints/ (--resume continues a run)")
+    _say(f"  results:     {results} (every stage, the teacher's first)")
 
 
 def _is_main_process() -> bool:

@@ -187,6 +187,12 @@ class DistillConfig:
         section(LearnableTemperatureConfig, optional=True),
         "learn T adversarially (CTKD) instead of a fixed temperature; omit `temperature` then",
     )
+    unlabelled: str = field_(
+        "skip",
+        choice("skip", "distill"),
+        'examples labelled -100: "skip" them, or "distill" on them: soft targets on every '
+        "example, the hard term on the labelled ones, means over all (the transfer-set regime)",
+    )
 
 
 @dataclass(frozen=True)
@@ -207,6 +213,9 @@ class TrainConfig:
     eval_every: int = field_(0, integer(at_least=0), "evaluate every N steps (0: only at the end)")
     save_every: int = field_(
         0, integer(at_least=0), "checkpoint every N steps (0: only at the end)"
+    )
+    keep_last: int | None = field_(
+        None, optional(integer(at_least=1)), "keep the newest N checkpoints of a stage (null: all)"
     )
     log_every: int = field_(10, integer(at_least=1), "log every N steps (JSONL, TensorBoard)")
     progress: bool = field_(True, boolean, "show a progress bar")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses import KDLoss, count_valid
+from ..losses import KDLoss, count_valid, fused_linear_cross_entropy
 from ..losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_kd_loss
 from ..train.task import TaskOutput
 from .heads import OutputLayer, last_hidden_states, logits_from_hidden, output_layer
@@ -151,27 +151,17 @@ class CausalLMTask:
     def _hard_only(
         self, hidden: torch.Tensor, layer: OutputLayer, labels: torch.Tensor, normalizer: Any
     ) -> KDLoss:
-        """Cross-entropy alone (the baseline), through the same fused loss with alpha = 0."""
-        detached = OutputLayer(
-            layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-        )
-        return fused_linear_kd_loss(
+        """Cross-entropy alone (the baseline): no soft term, no teacher projection."""
+        return fused_linear_cross_entropy(
             hidden,
             layer.weight,
-            hidden.detach(),
-            detached.weight,
             labels,
-            temperature=1.0,
-            alpha=0.0,
-            chunk_size=self.chunk_size,
-            ignore_index=self.ignore_index,
             student_bias=layer.bias,
-            teacher_bias=detached.bias,
+            ignore_index=self.ignore_index,
             normalizer=normalizer,
+            chunk_size=self.chunk_size,
             student_logit_scale=layer.logit_scale,
-            teacher_logit_scale=layer.logit_scale,
             student_softcap=layer.softcap,
-            teacher_softcap=layer.softcap,
         )
 
     # -- evaluation ------------------------------------------------------------------------

@@ -22,13 +22,14 @@ from accelerate.utils import send_to_device, set_seed
 from tqdm.auto import tqdm
 
 from ..losses import DistillationLoss
+from ..schedules import value_at
 from ._accelerate import make_accelerator, plain_steps, step_optimizer
 from .data import DataStream
 from .distributed import global_count_and_stop, reduce_sum, step_normalizer, sum_over_processes
 from .interrupts import StopRequests, stop_exception
 from .logging import MetricLogger, PendingRecord, Throughput, train_record
 from .resume import check_fresh_output, export_weights, load_training_state, save_training_state
-from .setup import build_optimizer, freeze_teacher, validate_arguments, value_at
+from .setup import build_optimizer, freeze_teacher, validate_arguments
 from .task import ClassificationTask, Task, frozen_outputs
 
 Callback = Callable[["Distiller", "dict | None"], None]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ..schedules import value_at
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -191,11 +193,6 @@ def build_optimizer(
             )
         return built
     return OPTIMIZERS[optimizer](groups, lr=value_at(learning_rate, 0))
-
-
-def value_at(value: Any, step: int) -> Any:
-    """A float stays a float; a schedule (any callable) is evaluated at ``step``."""
-    return value(step) if callable(value) else value
 
 
 def student_config_dict(student: torch.nn.Module, given: dict | None) -> dict | None:

@@ -22,7 +22,14 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from ..losses import DistillationLoss, KDLoss, count_valid, kd_loss, valid_positions
+from ..losses import (
+    DistillationLoss,
+    KDLoss,
+    count_valid,
+    hard_only_loss,
+    kd_loss,
+    valid_positions,
+)
 from .grad_meter import gradient_balance
 
 
@@ -138,14 +145,11 @@ class ClassificationTask:
     ) -> TaskOutput:
         inputs, labels = self._split(batch)
         logits = _logits(student(inputs))  # (B, C)
-        if loss_fn is None:
-            # Labels only (the baseline): kd_loss's own hard term with alpha = 0. The student's
-            # detached logits stand in for the teacher; that soft term is 0 and weighted 0.
+        if loss_fn is None:  # labels only (the baseline): no soft term, no teacher
             alpha, temperature = 0.0, None
-            loss = kd_loss(
-                logits, logits.detach(), labels, temperature=1.0, alpha=0.0,
-                ignore_index=self.ignore_index, normalizer=normalizer,
-            )  # fmt: skip
+            loss = hard_only_loss(
+                logits, labels, ignore_index=self.ignore_index, normalizer=normalizer
+            )
         else:
             teacher_logits = teacher_outputs.to(logits.device)  # (B, C)
             alpha = loss_fn.current_alpha(step)

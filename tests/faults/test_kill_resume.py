@@ -1,0 +1,113 @@
+"""``kill -9`` at random moments during ``dk distill`` (checkpoint writes included), each
+followed by ``dk distill --resume``, ends with the uninterrupted run's weights, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from kill_harness import random_plan, run_with_kills, temporary_folders
+
+from darkknowledge.cli import main
+
+# A teacher stage and a student stage, a checkpoint every 3 steps (the newest 2 kept), dropout
+# and shuffling: a resume must restore weights, optimizer, RNG and data position exactly.
+CONFIG = {
+    "teacher": {"hidden": [32], "train_steps": 30, "dropout": 0.1},
+    "student": {"hidden": [8]},
+    "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512},
+    "distill": {"temperature": 3.0, "alpha": 0.7},
+    "train": {
+        "max_steps": 45, "save_every": 3, "keep_last": 2, "log_every": 1, "eval_every": 15,
+        "progress": False,
+    },
+}  # fmt: skip
+THROUGHPUT = ("steps_per_s", "positions_per_s", "seconds")
+
+
+def _records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in THROUGHPUT} for x in lines]
+
+
+def test_kill_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses below (OMP_NUM_THREADS=1)
+    try:
+        assert main(["distill", str(config), f"train.output_dir={reference}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "darkknowledge.cli", "distill", str(config)]
+    command.append(f"train.output_dir={killed}")
+    plan = random_plan(seed=8, kills=4, max_delay=0.4)
+    attempts = run_with_kills(command, [*command, "--resume"], killed, plan, env=env)
+
+    kills = [a for a in attempts if a.killed]
+    assert len(kills) >= 3, [(a.kill, a.killed, a.seconds) for a in attempts]
+    assert any(a.left_temporary for a in kills), "no kill landed inside a checkpoint write"
+    assert not temporary_folders(killed)  # the last run cleaned up after the killed saves
+    for stage in ("teacher", "student"):
+        ours = (killed / stage / "model.safetensors").read_bytes()
+        assert ours == (reference / stage / "model.safetensors").read_bytes(), stage
+        assert _records(killed / stage / "metrics.jsonl") == _records(
+            reference / stage / "metrics.jsonl"
+        ), stage
+        assert len(list((killed / stage / "checkpoints").iterdir())) == 2  # keep_last
+    results = [_records_of(killed), _records_of(reference)]
+    assert results[0] == results[1]
+
+
+def _records_of(run: Path) -> list[dict]:
+    rows = json.loads((run / "results.json").read_text())
+    return [{k: v for k, v in row.items() if k not in (*THROUGHPUT, "weights")} for row in rows]
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_kill_resume_signal_prints_where_the_checkpoint_is(tmp_path, signum):
+    import signal
+    import subprocess
+    import time
+
+    config = tmp_path / "config.yaml"
+    raw = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 100_000, "eval_every": 0}}
+    raw["teacher"] = {**raw["teacher"], "train_steps": 5}
+    config.write_text(yaml.safe_dump(raw))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "darkknowledge.cli",
+        "distill",
+        str(config),
+        f"train.output_dir={run}",
+    ]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not list(run.glob("student/checkpoints/step-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(getattr(signal, signum))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + getattr(signal, signum)
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("interrupted at step ") and line.endswith("; rerun with --resume")
+    step = int(line.split()[3].rstrip(";"))
+    assert f"checkpoint saved to {run / 'student' / 'checkpoints' / f'step-{step:08d}'}" in line
+    assert (
+        json.loads(
+            (run / "student" / "checkpoints" / f"step-{step:08d}" / "state.json").read_text()
+        )["step"]
+        == step
+    )
