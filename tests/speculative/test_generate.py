@@ -65,6 +65,8 @@ def test_generate_respects_max_new_tokens_and_gamma_plus_one(target, drafts, max
         assert output.new_tokens <= (gamma + 1) * output.target_calls
         assert output.accepted_tokens == sum(output.accepted_per_round)
         assert output.proposed_tokens == sum(output.proposed_per_round)
+        assert 0 <= output.draft_time_s <= output.wall_time_s
+        assert (output.draft_time_s > 0) == (output.proposed_tokens > 0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

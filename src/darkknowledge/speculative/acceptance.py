@@ -75,7 +75,7 @@ def expected_tokens_per_call(alpha: float | torch.Tensor, gamma: int) -> float:
     5.0
     """
     alpha = _check_alpha(alpha)
-    _check_gamma(gamma)
+    check_gamma(gamma)
     return math.fsum(alpha**k for k in range(gamma + 1))
 
 
@@ -122,7 +122,7 @@ def _check_alpha(alpha: float | torch.Tensor) -> float:
     return float(alpha)
 
 
-def _check_gamma(gamma: int, name: str = "gamma") -> None:
+def check_gamma(gamma: int, name: str = "gamma") -> None:
     if isinstance(gamma, bool) or not isinstance(gamma, Integral):
         raise TypeError(f"{name} must be an int >= 1, got {type(gamma).__name__} {gamma!r}")
     if gamma < 1:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ._cache import CachedLM, vocabulary_size
-from .acceptance import _check_gamma
+from .acceptance import check_gamma
 from .drafter import Draft, Drafter, ModelDrafter
 from .verify import Sampler, check_sampling, verify_unchecked
 
@@ -42,6 +42,7 @@ class GenerationOutput:
     in round i, out of ``proposed_per_round[i]``. A proposed token after the first rejection of
     its round is never examined, so the per-token acceptance estimate is
     ``accepted / (accepted + rejected)``, ``rejected`` being the rounds that ended in a rejection.
+    ``draft_time_s`` is the part of ``wall_time_s`` spent in the drafter's ``propose``.
     """
 
     sequences: torch.Tensor
@@ -51,6 +52,7 @@ class GenerationOutput:
     accepted_tokens: int = 0
     rejected_tokens: int = 0
     wall_time_s: float = 0.0
+    draft_time_s: float = 0.0
     accepted_per_round: list[int] = field(default_factory=list)
     proposed_per_round: list[int] = field(default_factory=list)
 
@@ -123,7 +125,9 @@ def generate(
     while output.new_tokens < max_new_tokens:
         length = sequence.shape[1]
         budget = min(gamma, max_new_tokens - output.new_tokens - 1)
+        draft_start = time.perf_counter()
         draft_tokens, draft_probs = _propose(drafter, sequence, budget, sampler, target_hidden)
+        output.draft_time_s += _elapsed(draft_start, sequence.device) if budget else 0.0
         count = draft_tokens.shape[0]
         cached = target_lm.length
         fed = torch.cat([sequence[:, cached:], draft_tokens.to(sequence.device).reshape(1, -1)], 1)
@@ -263,7 +267,7 @@ def _check_generate_arguments(
         raise TypeError(f"max_new_tokens must be an int >= 0, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    _check_gamma(gamma)
+    check_gamma(gamma)
     if isinstance(temperature, torch.Tensor):
         raise TypeError("temperature must be a float > 0, got a tensor")
     check_sampling(temperature, greedy, generator)
