@@ -42,3 +42,13 @@ def loader(dataset: TensorDataset, batch_size: int, shuffle: bool = False) -> Da
 
 def state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def partly_labelled(size: int = 96, every: int = 2) -> tuple[TensorDataset, TensorDataset]:
+    """User data for configs (``trainkit:partly_labelled``): ``(train, eval)`` where every
+    ``every``-th training label is -100 (unlabelled); the eval labels are all known."""
+    train, evaluation = points(size), points(size // 2, seed=1)
+    inputs, labels = train.tensors
+    labels = labels.clone()
+    labels[::every] = -100
+    return TensorDataset(inputs, labels), evaluation

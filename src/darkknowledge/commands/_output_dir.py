@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import write_json
-from ..train.fingerprint import check_resumable, config_hash
+from ..train.fingerprint import check_resumable, identity_hash
 
 RUN_FILE, RESULTS_FILE, SUMMARY_FILE = "run.json", "results.json", "summary.json"
 _STAGE_NAMES = re.compile(r"^(teacher|student|baseline|stage\d+)$")
@@ -57,7 +57,8 @@ def prepare(
 
 
 def finished_stage(stage_dir: str | None, max_steps: int, config: dict[str, Any]) -> dict | None:
-    """The stage's summary if it finished with ``max_steps`` steps under this config."""
+    """The stage's summary if it finished with ``max_steps`` steps under this config (up to
+    the fields a resume may change: a longer ``train.max_steps`` does not redo the teacher)."""
     if stage_dir is None:
         return None
     path = Path(stage_dir) / SUMMARY_FILE
@@ -65,16 +66,16 @@ def finished_stage(stage_dir: str | None, max_steps: int, config: dict[str, Any]
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # not finished (or a summary from an older version): train it
-    same = summary.get("max_steps") == max_steps and summary.get("config_hash") == config_hash(
-        config
-    )
+    identity = summary.get("identity") == identity_hash(config)
+    same = identity and summary.get("max_steps") == max_steps
     weights = Path(stage_dir) / "model.safetensors"
     return summary if same and weights.is_file() else None
 
 
-def write_summary(stage_dir: str, summary: dict[str, Any]) -> None:
-    """``summary.json``, written after the weights: its presence means the stage is finished."""
-    write_json(Path(stage_dir) / SUMMARY_FILE, summary)
+def write_summary(stage_dir: str, summary: dict[str, Any], config: dict[str, Any]) -> None:
+    """``summary.json``, written after the weights: its presence means the stage is finished.
+    ``identity`` is the hash of the config fields that a resume may not change."""
+    write_json(Path(stage_dir) / SUMMARY_FILE, {**summary, "identity": identity_hash(config)})
 
 
 def discard_stage(stage_dir: str | None) -> None:

@@ -14,7 +14,6 @@ from ..chain import distill_chain, freeze
 from ..config import Config, thaw
 from ..models import load_weights
 from ..train import ClassificationTask, Interrupted, Terminated
-from ..train.fingerprint import config_hash
 from . import _output_dir as outputs
 from ._build import DataBundle, build_data, distiller_kwargs, loaders, model_from_spec, subdir
 
@@ -156,8 +155,7 @@ class _Stages:
                 weights=os.path.join(stage_dir, "model.safetensors"), max_steps=max_steps
             )
             if _is_main_process():
-                summary_file = {**summary, "config_hash": config_hash(self.resolved)}
-                outputs.write_summary(stage_dir, summary_file)
+                outputs.write_summary(stage_dir, summary, self.resolved)
         self.summaries.append(summary)
         return summary
 

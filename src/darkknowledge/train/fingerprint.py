@@ -26,6 +26,17 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def identity_hash(config: Mapping[str, Any]) -> str:
+    """:func:`config_hash` of the fields that decide what a run computes: without the ones a
+    resume may change (:data:`CHANGEABLE`, :data:`GROWABLE`).
+
+    >>> identity_hash({"train": {"max_steps": 5, "seed": 0}}) == identity_hash({"train": {"max_steps": 9, "seed": 0}})
+    True
+    """
+    kept = {k: v for k, v in flatten(dict(config)).items() if k not in CHANGEABLE + GROWABLE}
+    return config_hash(kept)
+
+
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     """``{"train.max_steps": 100, ...}``: dotted paths to the leaves (lists are leaves).
 
