@@ -105,3 +105,16 @@ def test_run_unlabelled_distill_option_reaches_the_task(tmp_path):
     labelled = 16 * distill["hard"] / skip["hard"]  # labelled examples in the first batch of 16
     assert labelled == pytest.approx(round(labelled), abs=1e-4) and 0 < round(labelled) < 16
     assert distill["positions_per_s"] / skip["positions_per_s"] != 1.0
+
+
+def test_run_every_preset_saves_periodically_and_keeps_few():
+    from darkknowledge.config import load_config
+
+    presets = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+    assert presets
+    for preset in presets:
+        train = load_config(preset).train
+        assert 0 < train.save_every <= train.max_steps // 5, preset.name
+        assert train.keep_last is not None and train.keep_last >= 2, (
+            preset.name
+        )  # one to fall back on
