@@ -17,7 +17,7 @@ import darkknowledge as dk
 HERE = Path(__file__).parent
 
 
-def test_distiller_two_processes_match_one(tmp_path):
+def _two_processes(tmp_path, *mode: str) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -25,16 +25,20 @@ def test_distiller_two_processes_match_one(tmp_path):
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone", str(HERE / "train_ddp_worker.py"), str(tmp_path),
+        "--standalone", str(HERE / "train_ddp_worker.py"), str(tmp_path), *mode,
     ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_distiller_two_processes_match_one(tmp_path):
+    _two_processes(tmp_path)
 
     # One process, batches of 32 = the two processes' batches of 16, labels with uneven counts.
     student = mlp(0)
     single = dk.Distiller(
         student, teacher_mlp(), loader(points(128, ignore_every=3), 32, shuffle=True),
-        alpha=0.5, optimizer="sgd", learning_rate=0.1, max_steps=6, progress=False,
+        alpha=0.5, optimizer="sgd", learning_rate=0.1, max_steps=6, log_every=1, progress=False,
     )  # fmt: skip
     reference = single.fit()
     two = load_file(str(tmp_path / "student" / "model.safetensors"))
@@ -49,3 +53,23 @@ def test_distiller_two_processes_match_one(tmp_path):
             assert abs(ours[key] - theirs[key]) <= 1e-5 * abs(theirs[key]) + 1e-7, key
     checkpoint = tmp_path / "checkpoints" / "step-00000006"
     assert (checkpoint / "rng-rank0.json").exists() and (checkpoint / "rng-rank1.json").exists()
+
+
+def test_distiller_two_processes_with_accumulation_match_one(tmp_path):
+    """2 processes x 2 micro-batches of 8 (uneven ignored labels, clipping) = 1 process x 32."""
+    _two_processes(tmp_path, "accumulate")
+    student = mlp(0)
+    reference = dk.Distiller(
+        student, teacher_mlp(), loader(points(128, ignore_every=3), 32, shuffle=True),
+        alpha=0.5, optimizer="sgd", learning_rate=0.1, max_steps=6, log_every=1,
+        max_grad_norm=1.0, progress=False,
+    ).fit()  # fmt: skip
+    two = load_file(str(tmp_path / "student" / "model.safetensors"))
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(two[name], value, rtol=1e-5, atol=1e-6)
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(train, reference.history):
+        for key in ("total", "soft", "hard", "soft_grad_norm", "hard_grad_norm", "grad_norm"):
+            assert abs(ours[key] - theirs[key]) <= 1e-5 * abs(theirs[key]) + 1e-7, key
