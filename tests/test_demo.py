@@ -27,7 +27,7 @@ def test_demo_quick_writes_table_plots_and_report(tmp_path: Path, capsys):
         "teacher MLP",
     ):
         assert text in printed
-    for name in ("learning_curves.png", "signal_meter.png", "temperature.png"):
+    for name in ("learning_curves.png", "gradient_balance.png", "temperature.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5_000
     results = json.loads((out / "results.json").read_text())
@@ -38,7 +38,7 @@ def test_demo_quick_writes_table_plots_and_report(tmp_path: Path, capsys):
     temperatures = results["runs"]["kd_learnable_t"][0]["temperature"]["temperature"]
     assert temperatures[-1] != temperatures[0]  # the learnable temperature moved
     assert set(results["runs"]["kd"][0]["temperature"]["temperature"]) == {4.0}
-    assert "![signal meter](signal_meter.png)" in (out / "report.md").read_text()
+    assert "![gradient balance](gradient_balance.png)" in (out / "report.md").read_text()
 
 
 def test_demo_omit_class_reports_both_accuracies(tmp_path: Path, capsys):
@@ -101,3 +101,19 @@ def test_demo_bias_for_share_is_the_smallest_sufficient_raise():
         assert (shifted.argmax(1) == 3).float().mean() >= share
         shifted[:, 3] -= 2e-3 * max(1.0, delta)
         assert (shifted.argmax(1) == 3).float().mean() < share
+
+
+def test_demo_plots_read_results_from_before_the_gradient_balance_rename(tmp_path: Path):
+    from darkknowledge.demo.plots import gradient_balance
+
+    series = {
+        "step": [1, 2, 3],
+        "soft_grad_norm": [3.0, 2.0, 1.0],
+        "hard_grad_norm": [0.1, 0.2, 0.3],
+    }
+    old = {"kd": [{"signal": series}]}  # results.json written before the rename
+    new = {"kd": [{"gradient_balance": series}]}
+    labels = {"kd": "KD"}
+    for runs, name in ((old, "old.png"), (new, "new.png")):
+        path = gradient_balance(runs, labels, str(tmp_path / name))
+        assert Path(path).read_bytes().startswith(PNG)

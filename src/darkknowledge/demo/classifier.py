@@ -182,7 +182,7 @@ def train_student(
         "labelled": int(known.sum()),
         "transfer": len(train_x) if method != "labels" else int(known.sum()),
         "curve": _curve(result.history),
-        "signal": _series(result.history, "soft_grad_norm", "hard_grad_norm"),
+        "gradient_balance": _series(result.history, "soft_grad_norm", "hard_grad_norm"),
         "temperature": _series(result.history, "temperature"),
     }
     return student, summary

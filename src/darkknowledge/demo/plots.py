@@ -1,4 +1,4 @@
-"""The demo's three figures: learning curves, the signal meter, temperature over time.
+"""The demo's three figures: learning curves, the gradient balance, temperature over time.
 
 Each takes the ``runs`` of :func:`darkknowledge.demo.classifier.run_classifier_demo` (per
 method, one summary per seed) and writes a small PNG atomically.
@@ -74,15 +74,16 @@ def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[..., ends] - cumulative[..., starts]) / (ends - starts)
 
 
-def signal_meter(
+def gradient_balance(
     runs: dict[str, list[dict]], labels: dict[str, str], path: str, window: int = 10
 ) -> str:
     """Soft and hard gradient norms at the student logits (mean over seeds, trailing mean
-    over ``window`` logged steps: a batch may hold no labelled example, its hard norm is 0)."""
+    over ``window`` logged steps: a batch may hold no labelled example, its hard norm is 0).
+    Reads results written before the rename too (their key was ``"signal"``)."""
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(5.6, 3.6))
     for method, summaries in runs.items():
-        series = [s["signal"] for s in summaries if s["signal"]["step"]]
+        series = [_balance(s) for s in summaries if _balance(s)["step"]]
         if not series:
             continue
         keys = ("hard_grad_norm",) if method == "labels" else ("soft_grad_norm", "hard_grad_norm")
@@ -96,13 +97,19 @@ def signal_meter(
     axes.set(
         xlabel="optimizer step",
         ylabel="‖∂loss/∂logits‖ per batch",
-        title="Signal meter: soft vs hard gradient",
+        title="Gradient balance: soft vs hard gradient",
     )
     axes.legend(fontsize=7)
     axes.grid(alpha=0.3, which="both")
     path = _save(figure, path)
     plt.close(figure)
     return path
+
+
+def _balance(summary: dict[str, Any]) -> dict[str, list]:
+    """A run's gradient-balance series; results.json files from before the rename call it
+    ``"signal"``."""
+    return summary["gradient_balance"] if "gradient_balance" in summary else summary["signal"]
 
 
 def temperature_plot(runs: dict[str, list[dict]], labels: dict[str, str], path: str) -> str:
@@ -141,6 +148,8 @@ def make_plots(results: dict[str, Any], labels: dict[str, str], output_dir: str)
             results["teacher"]["accuracy"],
             os.path.join(output_dir, "learning_curves.png"),
         ),
-        "signal_meter": signal_meter(runs, labels, os.path.join(output_dir, "signal_meter.png")),
+        "gradient_balance": gradient_balance(
+            runs, labels, os.path.join(output_dir, "gradient_balance.png")
+        ),
         "temperature": temperature_plot(runs, labels, os.path.join(output_dir, "temperature.png")),
     }

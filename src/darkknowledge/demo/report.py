@@ -63,7 +63,7 @@ Total wall time: {results["seconds"]:.1f} s.
 
 ![learning curves](learning_curves.png)
 
-![signal meter](signal_meter.png)
+![gradient balance](gradient_balance.png)
 
 ![temperature](temperature.png)
 """
