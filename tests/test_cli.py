@@ -57,10 +57,11 @@ def test_cli_validate_lists_every_problem(tmp_path, capsys):
         "train.max_steps",
         "student.hidden",
         "data.batch_size",
+        "teacher",  # what dk distill needs, listed with the config's own problems
     ):
         assert f"  {path}:" in err
     assert "did you mean 'temperature'" in err and err.startswith(
-        f"{tmp_path}/config.yaml: 5 problem(s)"
+        f"{tmp_path}/config.yaml: 6 problem(s)"
     )
 
 
@@ -173,12 +174,14 @@ def test_cli_validate_checks_what_distill_will_need(tmp_path, capsys):
         "teacher": {"hidden": [8], "checkpoint": str(tmp_path / "teacher.safetensors")},
         "student": {"name": "cli_helpers:NOT_CALLABLE", "checkpoint": "missing/student.st"},
         "data": {"name": "no_such_package_xyz:load"},
+        "distill": {"temprature": 2.0},  # a mistake in the config itself does not hide the rest
     }
     assert main(["validate", write_config(tmp_path, raw)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0].endswith("config.yaml: 4 problem(s)")
+    assert err[0].endswith("config.yaml: 5 problem(s)")
     assert sorted(line.split()[0] for line in err[1:]) == [
         "data.name",
+        "distill.temprature:",
         "student.checkpoint:",
         "student.name",
         "teacher.checkpoint:",

@@ -14,6 +14,7 @@ from darkknowledge.config import (
     config_from_dict,
     load_config,
     reference,
+    reference_table,
 )
 from darkknowledge.schedules import Cosine
 
@@ -188,6 +189,11 @@ def test_config_reference_documents_every_field_once():
     docs = (ROOT / "docs" / "cli.md").read_text()
     missing = [path for path in paths if f"`{path}`" not in docs]
     assert not missing, f"docs/cli.md lacks {missing}"
+    # The whole table, defaults and meanings included, as generated.
+    assert reference_table() in docs, (
+        "docs/cli.md's reference is out of date: replace it with the output of "
+        'python -c "from darkknowledge.config import reference_table; print(reference_table())"'
+    )
 
 
 def test_config_top_level_must_be_a_mapping(tmp_path):

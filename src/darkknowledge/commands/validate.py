@@ -16,6 +16,7 @@ from ..config import (
     apply_overrides,
     check_config,
     check_environment,
+    partial_config,
     read_yaml,
 )
 from ._run import add_config_arguments
@@ -44,8 +45,12 @@ def run(args) -> int:
                 "`student` and `teacher` sections" if args.command == "distill" else "a `student`"
             )
             problems = [f"config: the file is empty; dk {args.command} needs {needs}"]
-        elif config is not None:
-            problems += check_environment(config, command=args.command)
+        else:
+            # The machine is checked for the valid part too, so that one run lists everything.
+            config = config if config is not None else partial_config(raw)
+            if config is not None:
+                found = check_environment(config, command=args.command)
+                problems += [p for p in found if not _reported(p, problems)]
     if problems:
         print(f"{args.config}: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:
@@ -53,3 +58,13 @@ def run(args) -> int:
         return 2
     print(f"{args.config}: ok for dk {args.command}")
     return 0
+
+
+def _reported(problem: str, problems: list[str]) -> bool:
+    """Whether the field of ``problem`` (or a field inside it) already has a problem: a section
+    that failed its checks is left out of the partial config, and is not also "missing"."""
+    field = problem.split(":", 1)[0].split(" ", 1)[0]
+    return any(
+        (path := other.split(":", 1)[0]) == field or path.startswith(field + ".")
+        for other in problems
+    )

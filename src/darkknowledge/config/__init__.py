@@ -50,9 +50,11 @@ __all__ = [
     "check_environment",
     "config_from_dict",
     "load_config",
+    "partial_config",
     "presets",
     "read_yaml",
     "reference",
+    "reference_table",
     "resolve_config",
     "thaw",
 ]
@@ -173,6 +175,15 @@ def check_config(raw: Any) -> tuple[Config | None, list[str]]:
     return (None, errors) if errors else (config, [])
 
 
+def partial_config(raw: Any) -> Config | None:
+    """The config with its valid fields and defaults for the rest (invalid sections left out),
+    so that ``dk validate`` can check the machine for what is there; None if the top level is
+    not a mapping. Never run a partial config: its problems are those of :func:`check_config`.
+    """
+    config = build_section(Config, raw, "", [])
+    return config if isinstance(config, Config) else None
+
+
 def config_from_dict(raw: Any, source: str | None = None) -> Config:
     """A validated :class:`Config` from a plain mapping; raises :class:`ConfigError`."""
     config, errors = check_config(raw)
@@ -190,3 +201,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Confi
 def reference() -> list[tuple[str, str, str]]:
     """``(field path, default, doc)`` for every config field, for the documentation."""
     return docs(Config)
+
+
+def reference_table() -> str:
+    """The Markdown table of :func:`reference`, as docs/cli.md holds it (a test compares them):
+    ``python -c "from darkknowledge.config import reference_table; print(reference_table())"``.
+    """
+    rows = ["| field | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{path}` | `{default}` | {doc} |" for path, default, doc in reference()]
+    return "\n".join(rows)
