@@ -143,6 +143,7 @@ def test_fsdp2_unpadded_evaluation_times_out(tmp_path):
     done = _launch(spec, tmp_path)
     assert done.returncode != 0
     assert "Timed out waiting 5000ms" in done.stderr, done.stderr[-3000:]
+    assert "in evaluate" in done.stderr  # not a slow training collective
     assert not (tmp_path / "result.json").exists()
 
 
