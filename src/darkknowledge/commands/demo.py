@@ -22,6 +22,10 @@ CHOICES: dict[str, tuple[str, str]] = {
         "darkknowledge.commands.demo_llm",
         "distil a byte-level GPT-2 on the Python standard library",
     ),
+    "rlhf": (
+        "darkknowledge.llm.rlhf",
+        "GRPO on the llm demo's model, with and without a KL penalty to the reference",
+    ),
 }
 DEFAULT = next(iter(CHOICES))
 
