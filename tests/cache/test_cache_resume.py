@@ -47,6 +47,10 @@ def test_write_teacher_cache_resumes_a_killed_capture_into_identical_files(tmp_p
     assert not (interrupted / "manifest.json").exists()
     with pytest.raises(ValueError, match="unfinished capture"):
         dk.cache.TeacherCache(interrupted)
+    # What a kill in the middle of a write leaves (atomic_path's temporary file): removed.
+    (
+        interrupted / f".shard-{total - 1:05d}-of-{total:05d}.safetensors.tmp1.safetensors"
+    ).write_bytes(b"half a shard")
 
     capture(interrupted)
 

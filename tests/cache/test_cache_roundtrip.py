@@ -166,6 +166,7 @@ def test_teacher_cache_reads_the_same_without_mmap_and_after_pickling(tmp_path):
             assert torch.equal(other[index]["ids"], mapped[index]["ids"])
             assert torch.equal(other[index]["values"], mapped[index]["values"])
     assert torch.equal(mapped[-1]["ids"], mapped[len(data) - 1]["ids"])
+    assert torch.equal(mapped[torch.tensor(2)]["ids"], mapped[2]["ids"])  # any integer index
     with pytest.raises(IndexError):
         mapped[len(data)]
 
@@ -180,3 +181,19 @@ def test_write_teacher_cache_bfloat16_values(tmp_path):
     cache = dk.cache.TeacherCache(tmp_path)
     reference = direct_log_probs(model, data[0]).topk(5, dim=-1).values
     torch.testing.assert_close(cache[0]["values"].double(), reference, rtol=8e-3, atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "encoding"),
+    [(32768, "int16"), (32769, "uint16"), (65535, "uint16"), (65536, "int32")],
+)
+def test_encode_ids_round_trips_through_safetensors_at_the_boundaries(vocab_size, encoding):
+    from safetensors.torch import load, save
+
+    from darkknowledge.cache.shards import decode_ids, encode_ids, id_encoding
+
+    assert id_encoding(vocab_size) == encoding
+    ids = torch.tensor([[-1, 0, 1, vocab_size // 2, vocab_size - 2, vocab_size - 1]])
+    stored = load(save({"ids": encode_ids(ids, encoding)}))["ids"]
+    assert stored.element_size() == (4 if encoding == "int32" else 2)
+    assert torch.equal(decode_ids(stored, encoding), ids)

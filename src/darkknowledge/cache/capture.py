@@ -14,6 +14,7 @@ the number of processes, and process 0 writes the manifest after a barrier.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +25,6 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .._files import write_json
 from ..losses._checks import check_temperature
 from . import manifest as manifest_file
 from ._processes import Processes, barrier, capture_processes, sum_over_processes
@@ -39,7 +39,7 @@ from .shards import (
     serialize_shard,
     shard_info,
     shard_name,
-    write_shard,
+    write_durably,
 )
 from .targets import Request, capture_sequences
 
@@ -122,7 +122,7 @@ def write_teacher_cache(
         table = sum_over_processes(processes, job.capture_shards(processes, progress))
         manifest = job.manifest(table)
         if processes.rank == 0:
-            write_json(job.folder / manifest_file.MANIFEST, manifest)
+            _write_json(job.folder / manifest_file.MANIFEST, manifest)
             (job.folder / manifest_file.PLAN).unlink(missing_ok=True)
         barrier(processes)
     if progress and processes.rank == 0:
@@ -266,10 +266,15 @@ def _start(folder: Path, settings: dict[str, Any]) -> None:
     """Record the settings (a resume compares against them) and drop the temporary files of
     an interrupted run."""
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".shard-*.tmp*"):
-        stale.unlink(missing_ok=True)
+    for pattern in (
+        ".shard-*.tmp*",
+        f".{manifest_file.PLAN}.tmp*",
+        f".{manifest_file.MANIFEST}.tmp*",
+    ):
+        for stale in folder.glob(pattern):  # what _files.atomic_path leaves behind a kill
+            stale.unlink(missing_ok=True)
     if not (folder / manifest_file.PLAN).is_file():
-        write_json(folder / manifest_file.PLAN, settings)
+        _write_json(folder / manifest_file.PLAN, settings)
 
 
 @dataclass
@@ -312,7 +317,7 @@ class _Job:
                     table[j] = _existing_record(paths[j], info)
                     continue
                 data = self.shard_bytes(self.indices(j), info, bar.update)
-                write_shard(paths[j], data)
+                write_durably(paths[j], data)
                 sha256 = hashlib.sha256(data).hexdigest()
                 table[j] = _record(sha256, data[: header_length(data)], len(data))
         return table
@@ -374,3 +379,7 @@ def _existing_record(path: Path, info: dict[str, Any]) -> torch.Tensor:
 def _record(sha256: str, header: bytes, size: int) -> torch.Tensor:
     digests = bytes.fromhex(sha256) + hashlib.sha256(header).digest()
     return torch.tensor([*digests, size], dtype=torch.int64)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    write_durably(path, (json.dumps(data, indent=2) + "\n").encode())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import operator
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -115,8 +116,9 @@ class TeacherCache:
 
     # -- reading -----------------------------------------------------------------------------
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if isinstance(index, bool) or not isinstance(index, int):
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"cache index must be an int, got {type(index).__name__}")
+        index = operator.index(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"cache index {index} out of range for {len(self)} sequences")
         index %= len(self)

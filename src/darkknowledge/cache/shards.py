@@ -35,15 +35,16 @@ _READ_BYTES = 8 * 2**20
 
 
 def id_encoding(vocab_size: int) -> str:
-    """How token ids are stored: ``"int16"`` when ``vocab_size <= 32767``, ``"uint16"``
-    (unsigned 16-bit values stored in an int16 tensor, since safetensors before 0.5 has no
-    uint16) when ``vocab_size <= 65535``, else ``"int32"``. The padding id is -1 in every
-    encoding (0xFFFF for uint16, never a real id since ids are < 65535).
+    """How token ids are stored: ``"int16"`` when every id fits (``vocab_size <= 32768``),
+    ``"uint16"`` (unsigned 16-bit values as the bits of an int16 tensor: safetensors maps
+    ``U16`` to ``torch.uint16`` only since 0.6) when ``vocab_size <= 65535``, else ``"int32"``.
+    The padding id is -1 in every encoding (0xFFFF for uint16, never a real id since ids are
+    below 65535).
 
-    >>> id_encoding(256), id_encoding(50257), id_encoding(128256)
-    ('int16', 'uint16', 'int32')
+    >>> id_encoding(256), id_encoding(32768), id_encoding(50257), id_encoding(128256)
+    ('int16', 'int16', 'uint16', 'int32')
     """
-    if vocab_size <= 32767:
+    if vocab_size <= 32768:
         return "int16"
     if vocab_size <= 65535:
         return "uint16"
@@ -92,8 +93,8 @@ def header_length(data: bytes) -> int:
     return 8 + struct.unpack("<Q", data[:8])[0]
 
 
-def write_shard(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably: fsync the file before the rename,
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (shards and manifests): fsync the file before the rename,
     and the folder after it, so a crash leaves the old state or the whole new file."""
     with atomic_path(path) as temporary, open(temporary, "wb") as handle:
         handle.write(data)
