@@ -33,6 +33,22 @@ def tiny_lm(seed: int, *, n_layer: int = 2, n_embd: int = 32, vocab_size: int = 
     return transformers.GPT2LMHeadModel(config).eval()
 
 
+def tiny_llama(seed: int, *, num_hidden_layers: int = 2, hidden_size: int = 32):
+    """A Llama (rotary positions, grouped-query attention) with the same vocabulary as tiny_lm."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=24,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def perturbed(model, scale: float, seed: int):
     """A copy of ``model`` with every weight matrix moved by ``scale`` times its own spread:
     a draft that agrees with the target often, but not always."""

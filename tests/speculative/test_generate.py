@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speculative_models import naive_greedy, naive_speculative, perturbed, tiny_lm
+from speculative_models import naive_greedy, naive_speculative, perturbed, tiny_llama, tiny_lm
 
 from darkknowledge.speculative import autoregressive_generate, generate
 
@@ -84,6 +84,24 @@ def test_generate_sampled_equals_a_decoder_without_cache(target, drafts, tempera
             )
             assert torch.equal(output.sequences, expected)
             assert output.rejected_tokens > 0 or draft is drafts["perturbed"]
+
+
+def test_generate_with_llama_models_rotary_positions_after_rollback():
+    """Rotary position embeddings read the position from the cache length: after a crop the
+    next token must get the right one. Greedy and sampled, against the decoders without cache."""
+    target = tiny_llama(0)
+    draft = perturbed(target, 0.3, seed=2)
+    prompt = PROMPTS[2]
+    greedy = generate(target, draft, prompt, max_new_tokens=25, gamma=3, greedy=True)
+    assert torch.equal(greedy.sequences, naive_greedy(target, prompt, 25))
+    kwargs = {"max_new_tokens": 25, "gamma": 3, "temperature": 1.0}
+    sampled = generate(target, draft, prompt, generator=torch.Generator().manual_seed(0), **kwargs)
+    expected = naive_speculative(
+        target, draft, prompt, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert torch.equal(sampled.sequences, expected)
+    assert min(greedy.rejected_tokens, sampled.rejected_tokens) > 0
+    assert min(greedy.accepted_tokens, sampled.accepted_tokens) > 0
 
 
 def test_generate_draft_equal_to_target_accepts_everything(target):

@@ -56,6 +56,14 @@ class GenerationOutput:
     accepted_per_round: list[int] = field(default_factory=list)
     proposed_per_round: list[int] = field(default_factory=list)
 
+    def add_round(self, proposed: int, accepted: int) -> None:
+        """Count one verification: ``accepted`` of ``proposed`` draft tokens kept."""
+        self.proposed_tokens += proposed
+        self.accepted_tokens += accepted
+        self.rejected_tokens += int(accepted < proposed)
+        self.proposed_per_round.append(proposed)
+        self.accepted_per_round.append(accepted)
+
     @property
     def rounds(self) -> int:
         return len(self.accepted_per_round)
@@ -140,11 +148,7 @@ def generate(
         drafter.rollback(accepted)
         if wants_hidden:  # positions cached .. length + accepted - 1, now committed
             target_hidden = hidden[:, : length + accepted - cached]
-        output.proposed_tokens += count
-        output.accepted_tokens += accepted
-        output.rejected_tokens += int(accepted < count)
-        output.proposed_per_round.append(count)
-        output.accepted_per_round.append(accepted)
+        output.add_round(count, accepted)
         tokens, stopped = _cut_at_stop(tokens, stop_tokens)
         sequence = torch.cat([sequence, tokens.reshape(1, -1)], 1)
         output.new_tokens += tokens.shape[0]

@@ -30,6 +30,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from ..llm.heads import unwrap_model
 from ._cache import CachedLM
 from .verify import Sampler
 
@@ -73,6 +74,7 @@ class ModelDrafter:
 
     After proposing k tokens from a sequence of length L its cache covers ``L + k − 1`` tokens
     (the last draft token is never fed); ``rollback(n)`` crops it to at most ``L + n``.
+    ``forward_calls`` counts the draft's forward passes since ``reset()``.
     """
 
     wants_target_hidden = False
@@ -80,8 +82,9 @@ class ModelDrafter:
     def __init__(self, model: nn.Module, *, vocab_size: int | None = None) -> None:
         self._lm = CachedLM(model)
         self.vocab_size = vocab_size
+        inner = unwrap_model(model)
         embeddings = (
-            model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
         )
         weight = getattr(embeddings, "weight", None)
         # Token ids the draft can read; only checked when the target's vocabulary is larger.
@@ -134,7 +137,7 @@ class ModelDrafter:
         largest = int(tokens.max())
         if largest >= self._readable:
             raise ValueError(
-                f"the target emitted token {largest}, which the draft cannot read (its embedding has "
+                f"the sequence holds token {largest}, which the draft cannot read (its embedding has "
                 f"{self._readable} rows, the target's vocabulary {self.vocab_size}); use a draft with "
                 "the target's full vocabulary"
             )
