@@ -2,9 +2,9 @@
 
 Both loops run the same teacher forward (inference mode), student forward, ``kd_loss``,
 backward and AdamW step on the same MLPs and the same batches, already on the device. The
-Distiller adds its bookkeeping: valid counts and their all-reduce, schedules, the signal meter
-and a JSONL-free log record on every log step (``--log-every``, default 1 = the Distiller's
-default). Repeats are interleaved (bare, Distiller, Distiller, bare, ...) so that drift in the
+Distiller adds its bookkeeping: valid counts and their all-reduce, schedules, the gradient
+meter (gradient balance) and a JSONL-free log record on every log step (``--log-every``,
+default: the Distiller's default). Repeats are interleaved (bare, Distiller, Distiller, bare, ...) so that drift in the
 machine's speed hits both alike; the figure is the median over repeats.
 
     python benchmarks/trainer_overhead.py --device cpu
@@ -14,6 +14,7 @@ machine's speed hits both alike; the figure is the median over repeats.
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import statistics
 import time
@@ -80,7 +81,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50, help="optimizer steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--log-every", type=int, default=1, help="the Distiller's log_every")
+    default_log_every = inspect.signature(dk.Distiller).parameters["log_every"].default
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=default_log_every,
+        help=f"the Distiller's log_every (default: its default, {default_log_every})",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
