@@ -92,15 +92,16 @@ def _run_case(
         base_mem = _rss_bytes()
         pre_peak = _peak_rss_bytes()
     fn().backward()  # warm-up: one-time initialisation is not what we measure (same peak)
-    times = []
+    times, cpu_times = [], []
     for _ in range(inner):
         student.grad = None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = fn()
         loss.backward()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     elapsed = statistics.median(times)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base_mem
@@ -108,7 +109,13 @@ def _run_case(
         peak = _peak_rss_bytes() - base_mem
         if _peak_rss_bytes() <= pre_peak:
             raise RuntimeError("the inputs' own peak hides the loss's peak; measure differently")
-    return {"case": case, "seconds": elapsed, "peak_bytes": peak, "loss": float(loss)}
+    return {
+        "case": case,
+        "seconds": elapsed,
+        "cpu_seconds": statistics.median(cpu_times),  # less noisy on a shared machine
+        "peak_bytes": peak,
+        "loss": float(loss),
+    }
 
 
 def _spawn(case: str, args: argparse.Namespace) -> dict:

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from .losses import _checks
 from .schedules import cosine
 
 __all__ = ["GradientReversal", "LearnableTemperature", "grad_reverse"]
@@ -52,20 +53,6 @@ def grad_reverse(tensor: torch.Tensor, strength: float) -> torch.Tensor:
     tensor([-0.5000, -0.5000, -0.5000])
     """
     return GradientReversal.apply(tensor, float(strength))
-
-
-def _check_positive(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
-    return float(value)
-
-
-def _check_count(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
-    return value
 
 
 class LearnableTemperature(nn.Module):
@@ -108,9 +95,9 @@ class LearnableTemperature(nn.Module):
         hidden: int = 64,
     ) -> None:
         super().__init__()
-        self.minimum = _check_positive(minimum, "minimum")
-        self.t_range = _check_positive(t_range, "t_range")
-        initial = _check_positive(initial, "initial")
+        self.minimum = _checks.check_positive(minimum, "minimum")
+        self.t_range = _checks.check_positive(t_range, "t_range")
+        initial = _checks.check_positive(initial, "initial")
         upper = self.minimum + self.t_range
         if not self.minimum < initial < upper:
             raise ValueError(
@@ -122,7 +109,7 @@ class LearnableTemperature(nn.Module):
         if not (math.isfinite(lambda_max) and lambda_max >= 0):
             raise ValueError(f"lambda_max must be finite and >= 0, got lambda_max={lambda_max!r}")
         self.curriculum = cosine(
-            0.0, float(lambda_max), _check_count(curriculum_steps, "curriculum_steps")
+            0.0, float(lambda_max), _checks.check_count(curriculum_steps, "curriculum_steps")
         )
         self.per_sample = bool(per_sample)
         self.num_classes = num_classes
@@ -132,8 +119,8 @@ class LearnableTemperature(nn.Module):
         if self.per_sample:
             if num_classes is None:
                 raise ValueError("per_sample=True needs num_classes, the logits' last dimension")
-            _check_count(num_classes, "num_classes")
-            _check_count(hidden, "hidden")
+            _checks.check_count(num_classes, "num_classes")
+            _checks.check_count(hidden, "hidden")
             self.mlp = nn.Sequential(
                 nn.Linear(2 * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1)
             )

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from loss_helpers import GRAD_TOLERANCE, assert_close, assert_values, logits, reference
 
 import darkknowledge as dk
-from darkknowledge.losses._forward_kl_ce import ForwardKLAndCE
+from darkknowledge.losses.engine import per_position
+from darkknowledge.losses.engine.per_position import ForwardKLAndCE
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -186,9 +187,7 @@ def test_kd_loss_fast_path_equals_generic_path(temperature):
 )
 @pytest.mark.parametrize("with_labels", [True, False])
 def test_forward_kl_and_ce_function_passes_gradcheck(temperature, with_labels, monkeypatch):
-    from darkknowledge.losses import _forward_kl_ce
-
-    monkeypatch.setattr(_forward_kl_ce, "_CHUNK_ELEMENTS", 12)  # two rows per block: 3 blocks
+    monkeypatch.setattr(per_position, "CHUNK_ELEMENTS", 12)  # two rows per chunk: 3 chunks
     student = logits(2, 3, 6, dtype=torch.float64, seed=1).requires_grad_(True)
     teacher = logits(2, 3, 6, dtype=torch.float64, seed=2)
     student.data[0, 0, 4] = teacher[0, 0, 4] = float("-inf")  # a masked vocabulary entry

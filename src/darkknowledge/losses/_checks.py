@@ -15,6 +15,28 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", 
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def check_positive(value: object, name: str, kind: str = "a number > 0") -> float:
+    """A finite real number > 0 (not a bool), returned as a float. The one positive-number
+    check of the package: temperatures, logit scales, softcaps, temperature ranges."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
+    return float(value)
+
+
+def check_count(value: object, name: str) -> int:
+    """An integer >= 1 (not a bool): a chunk size, a number of steps, a layer width."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+    return value
+
+
+def check_chunk_size(chunk_size: object) -> int:
+    """Rows per chunk of a fused loss: an integer >= 1."""
+    return check_count(chunk_size, "chunk_size")
+
+
 def check_temperature(temperature: float | torch.Tensor, name: str = "temperature") -> None:
     """A temperature is a finite number > 0, or a tensor of them. A tensor's values are checked
     on CPU only: inspecting a GPU tensor's values would synchronise every step."""
@@ -31,12 +53,36 @@ def check_temperature(temperature: float | torch.Tensor, name: str = "temperatur
                     f"{name} must be finite and > 0 everywhere, got a tensor holding {values[bad][0].item()!r}"
                 )
         return
-    if isinstance(temperature, bool) or not isinstance(temperature, Real):
-        raise TypeError(
-            f"{name} must be a float > 0 or a tensor, got {type(temperature).__name__} {temperature!r}"
-        )
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {name}={temperature!r}")
+    check_positive(temperature, name, kind="a float > 0 or a tensor")
+
+
+def temperature_for(
+    temperature: float | torch.Tensor, leading_shape: torch.Size, name: str = "temperature"
+) -> float | torch.Tensor:
+    """A tensor temperature in the form the losses broadcast: 0-dim, or with as many
+    dimensions as the logits' leading shape ``(...)``, each of size 1 or the leading size.
+
+    ``(..., 1)`` (the logits' rank, a trailing 1) is accepted and squeezed: ``(B, 1)`` on
+    ``(B, C)`` logits is one temperature per sample. A tensor of fewer dimensions than the
+    leading shape is refused rather than broadcast from the right, where ``(B,)`` on
+    ``(B, L, C)`` logits would silently become per position when B == L. A float stays a float.
+    """
+    check_temperature(temperature, name)
+    if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
+        return temperature
+    shape, rank = tuple(temperature.shape), len(leading_shape)
+    if temperature.dim() == rank + 1 and shape[-1] == 1:
+        temperature = temperature.squeeze(-1)
+    if temperature.dim() == rank and all(
+        size in (1, full) for size, full in zip(temperature.shape, leading_shape)
+    ):
+        return temperature
+    per_sample = (leading_shape[0],) + (1,) * (rank - 1) if rank else ()
+    raise ValueError(
+        f"{name} of shape {shape} does not fit the logits' leading shape {tuple(leading_shape)}: "
+        f"give a 0-dim tensor, one value per position {tuple(leading_shape)}, or per sample "
+        f"{per_sample} (sizes of 1 broadcast; fewer dimensions are ambiguous and refused)"
+    )
 
 
 def check_unit_interval(value: float, name: str, *, closed_right: bool = True) -> None:
@@ -61,17 +107,22 @@ def check_reduction(reduction: str) -> None:
         )
 
 
+def check_logits(value: object, name: str, shape: str = "(..., C)") -> None:
+    """A floating-point tensor of ``shape`` (at least one dimension)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.dim() < 1:
+        raise ValueError(
+            f"{name} must have shape {shape} with at least one dimension, got a scalar"
+        )
+
+
 def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     """Student and teacher logits are floating tensors of the same shape ``(..., C)``."""
-    for name, value in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        if value.dim() < 1:
-            raise ValueError(
-                f"{name} must have shape (..., C) with at least one dimension, got a scalar"
-            )
+    check_logits(student_logits, "student_logits")
+    check_logits(teacher_logits, "teacher_logits")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
         raise ValueError(
             f"student_logits and teacher_logits must have the same class dimension (last), got "
@@ -88,7 +139,10 @@ def check_logits_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def check_labels(
     labels: torch.Tensor, leading_shape: torch.Size, num_classes: int, ignore_index: int
 ) -> None:
-    """Integer labels of shape ``leading_shape`` with values in [0, C) or ``ignore_index``."""
+    """Integer labels of shape ``leading_shape`` with values in [0, C) or ``ignore_index``.
+
+    The values are checked on CPU only (as a tensor temperature's): on an accelerator the check
+    would be a host sync per call, and an out-of-range label fails in the device's own gather."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(
             f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}"
@@ -102,6 +156,8 @@ def check_labels(
             f"labels must have the logits' shape without the class dimension, {tuple(leading_shape)}, "
             f"got {tuple(labels.shape)}"
         )
+    if labels.device.type != "cpu":
+        return  # reading the values back would wait for the device at every call
     out_of_range = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(out_of_range.any()):
         bad = labels[out_of_range][0].item()

@@ -1,59 +1,26 @@
-"""The labels-only objective: cross-entropy of the student, no teacher, no soft term.
+"""The labels-only objective at vocabulary scale: the student's cross-entropy, chunk by chunk.
 
-    L_hard = CE(z_s, y) = lse(z_s) − z_s[y],      reduced over valid positions
+    L_hard = CE(z, y) = lse(z) − z_y,      z = scale · (h Wᵀ + b), then the optional softcap
 
-For the baselines that train on labels alone. It returns a :class:`KDLoss` like the
-distillation losses (``total = hard``, ``soft = 0``), so a training loop reads one structure
-either way, but it computes no teacher projection and no divergence.
+For the baselines that train a language model on labels alone: no teacher projection and no
+divergence, through the same chunk engine as the distillation losses (the closed form's
+cross-entropy alone, ``ForwardKL(soft=False)``; ``hard_only_loss`` under autograd when a softcap
+is given). ``hard_only_loss`` on logits is in ``kd.py``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .fused import DEFAULT_CHUNK_SIZE, fused_linear_kd_loss
-from .kd import KDLoss, kd_loss
-from .reduction import Normalizer
-
-
-def hard_only_loss(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    mask: torch.Tensor | None = None,
-    reduction: str = "mean",
-    normalizer: Normalizer = None,
-) -> KDLoss:
-    """Cross-entropy of ``student_logits`` against ``labels``, as ``KDLoss(total, soft, hard)``.
-
-    Args:
-        student_logits: ``(..., C)`` any float dtype (math in float32; float64 stays float64).
-        labels: ``(...)`` integer targets, ``ignore_index`` where a position does not count.
-        ignore_index, mask, reduction, normalizer: as in :func:`darkknowledge.kd_loss`.
-
-    Returns:
-        ``KDLoss(total=hard, soft=0, hard)``; ``total`` and ``hard`` carry the gradient.
-
-    >>> import torch
-    >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]], requires_grad=True)
-    >>> loss = hard_only_loss(logits, torch.tensor([0, 2]))
-    >>> round(float(loss.total.detach()), 4), float(loss.soft)  # (0.1698 + 1.0986) / 2
-    (0.6342, 0.0)
-    >>> loss.total.backward()
-    """
-    if not isinstance(student_logits, torch.Tensor):
-        raise TypeError(
-            f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}"
-        )
-    if labels is None:
-        raise ValueError("hard_only_loss needs labels: it is the cross-entropy against them")
-    # The teacher argument is never read for its values: alpha = 0 weights the soft term 0.
-    loss = kd_loss(
-        student_logits, student_logits.detach(), labels, temperature=1.0, alpha=0.0,
-        ignore_index=ignore_index, mask=mask, reduction=reduction, normalizer=normalizer,
-    )  # fmt: skip
-    return KDLoss(loss.total, torch.zeros_like(loss.soft), loss.hard)
+from . import _checks
+from . import _fused_common as common
+from .engine.call import KDCall
+from .engine.chunker import run_fused_linear
+from .engine.forward_kl import Buffers, ForwardKL
+from .fused import DEFAULT_CHUNK_SIZE
+from .kd import KDLoss
+from .kd_chunks import AutogradKD
+from .reduction import Normalizer, valid_positions
 
 
 def fused_linear_cross_entropy(
@@ -76,9 +43,8 @@ def fused_linear_cross_entropy(
     The labels-only counterpart of :func:`darkknowledge.fused_linear_kd_loss`, with the same
     student-side arguments; ``vocab_size`` cuts the output layer to its first rows (padding
     rows get a zero gradient). Returns ``KDLoss(total=hard, soft=0, hard)``; only ``total``
-    carries a gradient.
+    carries a gradient (to ``student_hidden``, ``student_weight`` and ``student_bias``).
 
-    >>> import torch
     >>> hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(50, 8)
     >>> labels = torch.tensor([1, 2, 3, -100, 4, 5])
     >>> fused = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=4)
@@ -90,14 +56,35 @@ def fused_linear_cross_entropy(
         raise ValueError(
             "fused_linear_cross_entropy needs labels: it is the cross-entropy against them"
         )
-    if not isinstance(student_hidden, torch.Tensor) or not isinstance(student_weight, torch.Tensor):
-        raise TypeError("student_hidden and student_weight must be torch.Tensors")
-    bias = None if student_bias is None else student_bias.detach()
-    loss = fused_linear_kd_loss(
-        student_hidden, student_weight, student_hidden.detach(), student_weight.detach(), labels,
-        temperature=1.0, alpha=0.0, chunk_size=chunk_size, ignore_index=ignore_index,
-        student_bias=student_bias, teacher_bias=bias, normalizer=normalizer, reduction=reduction,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=student_logit_scale,
-        student_softcap=student_softcap, teacher_softcap=student_softcap, vocab_size=vocab_size,
+    common.check_tensor(student_hidden, "student_hidden")
+    student_hidden, student_weight, student_bias = common.cast_for_autocast(
+        student_hidden, student_weight, student_bias
+    )
+    common.check_weight(student_weight, "student_weight", student_hidden, "student_hidden")
+    _checks.check_chunk_size(chunk_size)
+    common.check_reduction(reduction)
+    vocab = common.check_vocab_size(vocab_size, student_weight.shape[0])
+    student = common.head(
+        student_weight, student_bias, "student", vocab, student_logit_scale, student_softcap
+    )
+    leading_shape = student_hidden.shape[:-1]
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H)
+    num_rows, dtype = hidden.shape[0], common.math_dtype(hidden)
+    _checks.check_labels(labels, leading_shape, vocab, ignore_index)
+    labels = labels.reshape(num_rows)
+    valid = valid_positions(labels, None, ignore_index)
+
+    def objective_for(_temperature, _need_temperature_grad: bool):
+        if student.softcap is not None:  # tanh has no closed form here: autograd
+            return AutogradKD(KDCall(alpha=0.0, ignore_index=ignore_index), 1.0)
+        buffers = Buffers(min(chunk_size, max(num_rows, 1)), vocab, dtype, hidden.device)
+        return ForwardKL(
+            temperature=1.0, buffers=buffers, alpha=0.0, soft=False, student_scale=student.scale
+        )
+
+    normalizer = common.normalizer_for(reduction, normalizer, valid, num_rows, dtype)
+    total, soft, hard = run_fused_linear(
+        objective_for, hidden, student_weight, student_bias, student, None,
+        labels=labels, valid=valid, normalizer=normalizer, chunk_size=chunk_size,
     )  # fmt: skip
-    return KDLoss(loss.total, torch.zeros_like(loss.soft), loss.hard)
+    return KDLoss(total, soft, hard)

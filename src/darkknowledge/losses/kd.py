@@ -9,21 +9,16 @@ class dimension and averaged over valid positions, never over classes.
 
 from __future__ import annotations
 
-import inspect
-import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from .. import schedules
 from . import _checks
-from ._forward_kl_ce import ForwardKLAndCE
 from .divergences import per_position_divergence
+from .engine.call import SoftScale, resolve_soft_scale
+from .engine.per_position import ForwardKLAndCE
 from .reduction import Normalizer, reduce_positions, valid_positions
 from .transforms import compute_dtype, decoupled_kd, soften
-
-SoftScale = str | float
 
 
 class KDLoss(NamedTuple):
@@ -37,26 +32,6 @@ class KDLoss(NamedTuple):
     total: torch.Tensor
     soft: torch.Tensor
     hard: torch.Tensor
-
-
-def resolve_soft_scale(
-    soft_scale: SoftScale, temperature: float | torch.Tensor
-) -> float | torch.Tensor:
-    """The factor on the soft term: ``"T2"`` gives T^2, ``"none"`` gives 1, a float itself."""
-    if isinstance(soft_scale, str):
-        if soft_scale == "T2":
-            return temperature * temperature
-        if soft_scale == "none":
-            return 1.0
-        raise ValueError(f'soft_scale must be "T2", "none" or a float, got {soft_scale!r}')
-    if isinstance(soft_scale, bool) or not isinstance(soft_scale, int | float):
-        raise TypeError(
-            f'soft_scale must be "T2", "none" or a float, got {type(soft_scale).__name__}'
-        )
-    if not math.isfinite(soft_scale) or soft_scale < 0:
-        # A negative weight would push the student away from the teacher.
-        raise ValueError(f"soft_scale must be a finite float >= 0, got soft_scale={soft_scale!r}")
-    return float(soft_scale)
 
 
 def divergence(
@@ -77,7 +52,9 @@ def divergence(
     Args:
         student_logits, teacher_logits: ``(..., C)``, any float dtype; math in float32.
         kind: one of ``forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd``.
-        temperature: T > 0, a float or a tensor broadcastable to ``(...)``.
+        temperature: T > 0, a float or a tensor: 0-dim, per position ``(...)``, or per sample
+            (``(B, 1, ...)``, sizes of 1 broadcast); a trailing 1 (``(B, 1)`` on ``(B, C)``)
+            is accepted. Fewer dimensions than ``(...)`` are refused as ambiguous.
         beta: the JSD mixture weight (0 = forward KL, 1 = reverse KL).
         lam: the skew of ``skew_kl`` / ``skew_reverse_kl``, in [0, 1).
         mask: ``(...)`` bool, True = keep.
@@ -94,7 +71,7 @@ def divergence(
     """
     _checks.check_logits_pair(student_logits, teacher_logits)
     _checks.check_divergence_name(kind, "kind")
-    _checks.check_temperature(temperature)
+    temperature = _checks.temperature_for(temperature, student_logits.shape[:-1])
     _checks.check_unit_interval(beta, "beta")
     _checks.check_unit_interval(lam, "lam", closed_right=False)
     _checks.check_reduction(reduction)
@@ -130,7 +107,7 @@ def kd_loss(
         student_logits: ``(..., C)`` student logits, any float dtype (math in float32).
         teacher_logits: ``(..., C)`` teacher logits; no gradient flows into them.
         labels: ``(...)`` integer targets, or None for pure distillation (then alpha must be 1).
-        temperature: T > 0; a float, or a tensor broadcastable to ``(...)`` (per-sample T,
+        temperature: T > 0; a float, or a tensor as in :func:`divergence` (per-sample T,
             from :class:`darkknowledge.LearnableTemperature`).
         alpha: weight of the soft term in [0, 1]. Note: torchdistill uses the opposite meaning.
         divergence: ``forward_kl`` (Hinton KD), ``reverse_kl``, ``jsd``, ``skew_kl``,
@@ -160,7 +137,7 @@ def kd_loss(
     """
     _checks.check_logits_pair(student_logits, teacher_logits)
     _checks.check_divergence_name(divergence)
-    _checks.check_temperature(temperature)
+    temperature = _checks.temperature_for(temperature, student_logits.shape[:-1])
     _checks.check_unit_interval(alpha, "alpha")
     _checks.check_unit_interval(beta, "beta")
     _checks.check_unit_interval(lam, "lam", closed_right=False)
@@ -192,7 +169,8 @@ def kd_loss(
     safe_labels = None if labels is None else labels.masked_fill(labels == ignore_index, 0)
 
     if _fast_path(divergence, standardize, dkd_weights, temperature):
-        # The default objective: blocks of rows, no (..., C) tensor kept for backward.
+        # The default objective in closed form on the chunk engine: no (..., C) tensor is kept
+        # for backward.
         fast_temperature = temperature
         if isinstance(temperature, torch.Tensor):
             fast_temperature = temperature.to(compute_dtype(student_logits.dtype)).unsqueeze(-1)
@@ -249,91 +227,45 @@ def _check_dkd_weights(dkd_weights) -> None:
         )
 
 
-class DistillationLoss(torch.nn.Module):
-    """``nn.Module`` over :func:`kd_loss`. Temperature and alpha may be schedules.
+def hard_only_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+    normalizer: Normalizer = None,
+) -> KDLoss:
+    """Cross-entropy of ``student_logits`` against ``labels``: the labels-only objective.
 
-    ``temperature`` is a float, a schedule ``step -> float``, or a module returning a tensor
-    temperature (``LearnableTemperature``); ``alpha`` a float or a schedule. Call with
-    ``step=`` to evaluate schedules; other keyword arguments go to :func:`kd_loss`.
+    ``L_hard = lse(z) − z_y`` per position, reduced like :func:`kd_loss` (which it equals with
+    ``alpha=0``, bit for bit), without a teacher or a soft term. For the baselines that train on
+    labels alone, so that they read the same ``KDLoss`` as distillation runs.
 
-    >>> import torch, darkknowledge as dk
-    >>> loss_fn = dk.DistillationLoss(temperature=dk.schedules.linear(8.0, 2.0, 100), alpha=0.9)
-    >>> out = loss_fn(torch.randn(2, 5), torch.randn(2, 5), torch.tensor([0, 1]), step=50)
-    >>> out.total.shape
-    torch.Size([])
+    Args:
+        student_logits: ``(..., C)`` any float dtype (math in float32; float64 stays float64).
+        labels: ``(...)`` integer targets, ``ignore_index`` where a position does not count.
+        ignore_index, mask, reduction, normalizer: as in :func:`kd_loss`.
+
+    Returns:
+        ``KDLoss(total=hard, soft=0, hard)``; ``total`` and ``hard`` carry the gradient.
+
+    >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]], requires_grad=True)
+    >>> loss = hard_only_loss(logits, torch.tensor([0, 2]))
+    >>> round(float(loss.total.detach()), 4), float(loss.soft)  # (0.1698 + 1.0986) / 2
+    (0.6342, 0.0)
+    >>> loss.total.backward()
     """
-
-    def __init__(
-        self,
-        *,
-        temperature: float | Callable[[int], float] | torch.nn.Module,
-        alpha: float | Callable[[int], float],
-        **kd_options: Any,
-    ) -> None:
-        super().__init__()
-        # Constants are validated now, schedules when evaluated (by kd_loss at every call).
-        if not callable(temperature):
-            _checks.check_temperature(temperature)
-        if not callable(alpha):
-            _checks.check_unit_interval(alpha, "alpha")
-        unknown = sorted(set(kd_options) - _KD_OPTIONS)
-        if unknown:
-            raise TypeError(
-                f"DistillationLoss got unknown kd_loss options {unknown}; valid options are: "
-                f"{', '.join(sorted(_KD_OPTIONS))}"
-            )
-        if "divergence" in kd_options:
-            _checks.check_divergence_name(kd_options["divergence"])
-        if isinstance(temperature, torch.nn.Module):
-            self.temperature_module = temperature
-            self._temperature = None
-        else:
-            self.temperature_module = None
-            self._temperature = temperature
-        self.alpha = alpha
-        self.kd_options = kd_options
-
-    def current_temperature(
-        self,
-        step: int = 0,
-        student_logits: torch.Tensor | None = None,
-        teacher_logits: torch.Tensor | None = None,
-    ) -> float | torch.Tensor:
-        """The temperature in force at ``step``: a float, or a tensor for a learned one."""
-        if self.temperature_module is not None:
-            return self.temperature_module(
-                student_logits=student_logits, teacher_logits=teacher_logits, step=step
-            )
-        return schedules.value_at(self._temperature, step)
-
-    def current_alpha(self, step: int = 0) -> float:
-        return schedules.value_at(self.alpha, step)
-
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        step: int = 0,
-        **overrides: Any,
-    ) -> KDLoss:
-        temperature = self.current_temperature(step, student_logits, teacher_logits)
-        options = {**self.kd_options, **overrides}
-        return kd_loss(
-            student_logits,
-            teacher_logits,
-            labels,
-            temperature=temperature,
-            alpha=self.current_alpha(step),
-            **options,
-        )
-
-
-_KD_OPTIONS = frozenset(inspect.signature(kd_loss).parameters) - {
-    "student_logits",
-    "teacher_logits",
-    "labels",
-    "temperature",
-    "alpha",
-}
+    if labels is None:
+        raise ValueError("hard_only_loss needs labels: it is the cross-entropy against them")
+    _checks.check_logits(student_logits, "student_logits")
+    _checks.check_reduction(reduction)
+    leading_shape = student_logits.shape[:-1]
+    _checks.check_labels(labels, leading_shape, student_logits.shape[-1], ignore_index)
+    if mask is not None:
+        _checks.check_mask(mask, leading_shape)
+    valid = valid_positions(labels, mask, ignore_index)
+    safe_labels = labels.masked_fill(labels == ignore_index, 0)
+    _, hard_pos = ForwardKLAndCE.apply(student_logits, None, safe_labels, 1.0)
+    hard = reduce_positions(hard_pos, valid, reduction, normalizer)
+    return KDLoss(hard, torch.zeros_like(hard), hard)
