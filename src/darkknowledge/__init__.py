@@ -17,7 +17,7 @@ from .train import ClassificationTask, Distiller, TrainResult
 __version__ = "0.1.0"
 
 # Submodules that import transformers (slow) load on first access: ``dk.llm``, ``dk.hf``.
-_LAZY_SUBMODULES = ("cache", "hf", "llm", "speculative")
+_LAZY_SUBMODULES = ("cache", "hf", "llm", "mtp", "speculative")
 
 
 def __getattr__(name: str):
