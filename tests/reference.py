@@ -162,3 +162,74 @@ def kd_loss(
         reduce(soft_pos, valid, reduction, normalizer),
         reduce(hard_pos, valid, reduction, normalizer),
     )
+
+
+def sparse_kd(
+    student_logits,
+    ids,
+    values,
+    labels=None,
+    *,
+    representation="topk",
+    temperature=1.0,
+    alpha,
+    tail="bucket",
+    ignore_index=-100,
+    mask=None,
+    reduction="mean",
+    normalizer=None,
+    soft_scale="T2",
+):
+    """(total, soft, hard) on sparse teacher targets, position by position in float64.
+
+    topk: categories are the kept ids (id >= 0), plus with tail="bucket" the rest of the
+    vocabulary when some is left out (teacher 1 − Σ p_K, student 1 − Σ q_K); each side's T = 1
+    probabilities of its categories are re-tempered, p' ∝ p^(1/T), q' ∝ q^(1/T), and
+    KL(p' ‖ q') is summed over categories with p' > 0. sampled: KL(p̂ ‖ q), p̂ = counts / Σ counts.
+    """
+    z = student_logits.double().reshape(-1, student_logits.shape[-1])
+    flat_ids, flat_values = ids.reshape(-1, ids.shape[-1]), values.double().reshape(z.shape[0], -1)
+    vocab = z.shape[-1]
+    temperatures = torch.as_tensor(temperature, dtype=torch.float64).expand(
+        student_logits.shape[:-1]
+    )
+    soft_values = []
+    for row in range(z.shape[0]):
+        q = softmax(z[row])  # T = 1
+        kept = [j for j in range(flat_ids.shape[-1]) if int(flat_ids[row, j]) >= 0]
+        kept_ids = flat_ids[row, kept].long()
+        if representation == "sampled":
+            counts = flat_values[row, kept]
+            p_hat = counts / counts.sum() if float(counts.sum()) > 0 else counts * 0.0
+            terms = [p_hat[i] * (p_hat[i].log() - q[kept_ids[i]].log()) for i in range(len(kept))]
+            soft_values.append(sum(t for t, p in zip(terms, p_hat) if p > 0) + 0.0 * q.sum())
+            continue
+        p_cat, q_cat = flat_values[row, kept].exp(), q[kept_ids]
+        if tail == "bucket" and len(kept) < vocab:
+            p_cat = torch.cat([p_cat, (1.0 - p_cat.sum()).clamp_min(0.0).reshape(1)])
+            q_cat = torch.cat([q_cat, (1.0 - q_cat.sum()).reshape(1)])
+        if len(p_cat) == 0:
+            soft_values.append(0.0 * q.sum())
+            continue
+        inverse = 1.0 / temperatures.reshape(-1)[row]
+        p_tempered = p_cat**inverse / (p_cat**inverse).sum()
+        q_tempered = q_cat**inverse / (q_cat**inverse).sum()
+        positive = p_tempered > 0
+        soft_values.append(
+            (p_tempered[positive] * (p_tempered[positive].log() - q_tempered[positive].log())).sum()
+        )
+    soft_pos = torch.stack(soft_values).reshape(student_logits.shape[:-1])
+    valid = torch.ones(soft_pos.shape, dtype=torch.bool)
+    if labels is not None:
+        valid = valid & (labels != ignore_index)
+        safe = torch.where(labels == ignore_index, torch.zeros_like(labels), labels)
+        hard_pos = -softmax(student_logits).gather(-1, safe.unsqueeze(-1)).squeeze(-1).log()
+    else:
+        hard_pos = torch.zeros_like(soft_pos)
+    if mask is not None:
+        valid = valid & mask
+    scale = temperatures**2 if soft_scale == "T2" else torch.ones_like(temperatures)
+    if not isinstance(soft_scale, str):
+        scale = soft_scale * torch.ones_like(temperatures)
+    total_pos = (1 - alpha) * hard_pos + alpha * scale * soft_pos
+    return tuple(reduce(x, valid, reduction, normalizer) for x in (total_pos, soft_pos, hard_pos))

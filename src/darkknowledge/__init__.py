@@ -11,6 +11,7 @@
 from . import analysis, rl, schedules
 from .losses import DistillationLoss, KDLoss, count_valid, divergence, kd_loss, reduce_positions
 from .losses.fused import fused_linear_kd_loss
+from .losses.sparse import fused_linear_sparse_kd_loss, sparse_kd_loss
 from .temperature import LearnableTemperature
 from .train import ClassificationTask, Distiller, TrainResult
 
@@ -40,8 +41,10 @@ __all__ = [
     "count_valid",
     "divergence",
     "fused_linear_kd_loss",
+    "fused_linear_sparse_kd_loss",
     "kd_loss",
     "reduce_positions",
     "rl",
     "schedules",
+    "sparse_kd_loss",
 ]

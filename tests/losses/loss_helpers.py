@@ -16,6 +16,7 @@ __all__ = [
     "VALUE_RTOL",
     "assert_close",
     "assert_values",
+    "doc_example",
     "logits",
     "reference",
 ]
@@ -65,3 +66,13 @@ def assert_values(
     torch.testing.assert_close(
         actual, expected, rtol=VALUE_RTOL[dtype], atol=VALUE_ATOL[dtype] * scale, msg=what or None
     )
+
+
+def doc_example(page: str, heading: str, directory: Path) -> Path:
+    """The first ```python block under ``heading`` in ``docs/<page>``, written to a script in
+    ``directory`` (to run with ``runpy.run_path``: the docs' examples run as written)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / page).read_text()
+    section = text.split(heading, 1)[1]
+    script = directory / f"{page.replace('.', '_')}_example.py"
+    script.write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    return script

@@ -4,10 +4,10 @@ docs/fused-loss.md ("Adding an objective"), checked against autograd on full flo
 from __future__ import annotations
 
 import runpy
-from pathlib import Path
 
 import pytest
 import torch
+from loss_helpers import doc_example
 
 from darkknowledge.losses.engine import (
     Chunk,
@@ -95,10 +95,7 @@ def test_engine_runs_an_outside_objective_on_logits_and_a_cut_head():
 
 def test_docs_adding_an_objective_example_runs_as_written(tmp_path):
     """The code block of docs/fused-loss.md's "Adding an objective", run as a script."""
-    text = (Path(__file__).resolve().parents[2] / "docs" / "fused-loss.md").read_text()
-    section = text.split("## Adding an objective", 1)[1]
-    script = tmp_path / "adding_an_objective.py"
-    script.write_text(section.split("```python\n", 1)[1].split("```", 1)[0])
+    script = doc_example("fused-loss.md", "## Adding an objective", tmp_path)
     namespace = runpy.run_path(str(script))
     hidden, weight, total = namespace["hidden"], namespace["weight"], namespace["total"]
     expected = 1e-2 * torch.logsumexp((hidden @ weight.T).double(), -1).square().mean()

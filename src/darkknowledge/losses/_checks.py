@@ -177,3 +177,12 @@ def check_mask(mask: torch.Tensor, leading_shape: torch.Size) -> None:
             f"mask must have the logits' shape without the class dimension, {tuple(leading_shape)}, "
             f"got {tuple(mask.shape)}"
         )
+
+
+def check_labels_for_alpha(labels: torch.Tensor | None, alpha: float) -> None:
+    """alpha < 1 weights a hard cross-entropy term, which needs labels."""
+    if labels is None and alpha != 1.0:
+        raise ValueError(
+            f"labels=None with alpha={alpha!r}: alpha < 1 weights a hard cross-entropy term, "
+            "which needs labels; pass labels, or alpha=1.0 for pure distillation"
+        )

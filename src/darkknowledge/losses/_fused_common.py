@@ -9,6 +9,8 @@ cut to a shared vocabulary and the normalizer; then they call the engine's
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _checks
@@ -131,3 +133,35 @@ def normalizer_for(
 
 def math_dtype(hidden: torch.Tensor) -> torch.dtype:
     return compute_dtype(hidden.dtype)
+
+
+class StudentInputs(NamedTuple):
+    """The checked student side of a fused call."""
+
+    hidden: torch.Tensor  # (N, H), in the autocast dtype if autocast is on
+    weight: torch.Tensor  # (V_s, H): the tensor that receives the gradient, all its rows
+    bias: torch.Tensor | None
+    head: Head  # the layer the objective sees: cut to the vocabulary, scale, softcap
+    leading_shape: torch.Size
+
+
+def student_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    chunk_size: int,
+    vocab_size: int | None,
+    logit_scale: float,
+    softcap: float | None,
+) -> StudentInputs:
+    """Check and prepare the student of a fused loss with one output layer (the labels-only and
+    the sparse-teacher losses): dtypes under autocast, shapes, chunk size, vocabulary cut."""
+    check_tensor(hidden, "student_hidden")
+    hidden, weight, bias = cast_for_autocast(hidden, weight, bias)
+    check_weight(weight, "student_weight", hidden, "student_hidden")
+    _checks.check_chunk_size(chunk_size)
+    vocab = check_vocab_size(vocab_size, weight.shape[0])
+    head_ = head(weight, bias, "student", vocab, logit_scale, softcap)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
+    return StudentInputs(flat, weight, bias, head_, hidden.shape[:-1])

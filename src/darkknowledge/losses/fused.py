@@ -140,14 +140,10 @@ def fused_linear_kd_loss(
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H_s)
     num_rows, dtype = hidden.shape[0], common.math_dtype(hidden)
+    _checks.check_labels_for_alpha(labels, alpha)
     if labels is not None:
         _checks.check_labels(labels, leading_shape, vocab, ignore_index)
         labels = labels.reshape(num_rows)
-    elif alpha != 1.0:
-        raise ValueError(
-            f"alpha={alpha!r} < 1 weights a hard cross-entropy term, which needs labels; "
-            "pass labels, or alpha=1.0 for pure distillation"
-        )
     if isinstance(temperature, torch.Tensor) and temperature.dim() > 0:
         temperature = temperature.expand(leading_shape).reshape(num_rows)  # per row
     valid = valid_positions(labels, None, ignore_index)

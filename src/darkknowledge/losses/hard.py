@@ -56,35 +56,29 @@ def fused_linear_cross_entropy(
         raise ValueError(
             "fused_linear_cross_entropy needs labels: it is the cross-entropy against them"
         )
-    common.check_tensor(student_hidden, "student_hidden")
-    student_hidden, student_weight, student_bias = common.cast_for_autocast(
-        student_hidden, student_weight, student_bias
-    )
-    common.check_weight(student_weight, "student_weight", student_hidden, "student_hidden")
-    _checks.check_chunk_size(chunk_size)
     common.check_reduction(reduction)
-    vocab = common.check_vocab_size(vocab_size, student_weight.shape[0])
-    student = common.head(
-        student_weight, student_bias, "student", vocab, student_logit_scale, student_softcap
-    )
-    leading_shape = student_hidden.shape[:-1]
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H)
+    student = common.student_inputs(
+        student_hidden, student_weight, student_bias, chunk_size=chunk_size,
+        vocab_size=vocab_size, logit_scale=student_logit_scale, softcap=student_softcap,
+    )  # fmt: skip
+    hidden, head, leading_shape = student.hidden, student.head, student.leading_shape
+    vocab = head.weight.shape[0]
     num_rows, dtype = hidden.shape[0], common.math_dtype(hidden)
     _checks.check_labels(labels, leading_shape, vocab, ignore_index)
     labels = labels.reshape(num_rows)
     valid = valid_positions(labels, None, ignore_index)
 
     def objective_for(_temperature, _need_temperature_grad: bool):
-        if student.softcap is not None:  # tanh has no closed form here: autograd
+        if head.softcap is not None:  # tanh has no closed form here: autograd
             return AutogradKD(KDCall(alpha=0.0, ignore_index=ignore_index), 1.0)
         buffers = Buffers(min(chunk_size, max(num_rows, 1)), vocab, dtype, hidden.device)
         return ForwardKL(
-            temperature=1.0, buffers=buffers, alpha=0.0, soft=False, student_scale=student.scale
+            temperature=1.0, buffers=buffers, alpha=0.0, soft=False, student_scale=head.scale
         )
 
     normalizer = common.normalizer_for(reduction, normalizer, valid, num_rows, dtype)
     total, soft, hard = run_fused_linear(
-        objective_for, hidden, student_weight, student_bias, student, None,
+        objective_for, hidden, student.weight, student.bias, head, None,
         labels=labels, valid=valid, normalizer=normalizer, chunk_size=chunk_size,
     )  # fmt: skip
     return KDLoss(total, soft, hard)

@@ -147,12 +147,8 @@ def kd_loss(
         _checks.check_mask(mask, leading_shape)
     if labels is not None:
         _checks.check_labels(labels, leading_shape, num_classes, ignore_index)
-    elif alpha != 1.0:
-        raise ValueError(
-            f"labels=None with alpha={alpha!r}: alpha < 1 weights a hard cross-entropy term, "
-            "which needs labels; pass labels, or alpha=1.0 for pure distillation"
-        )
-    elif dkd_weights is not None:
+    _checks.check_labels_for_alpha(labels, alpha)
+    if labels is None and dkd_weights is not None:
         raise ValueError(
             "labels=None with dkd_weights: decoupled KD splits on the target class, which needs "
             "labels; pass labels, or dkd_weights=None"
