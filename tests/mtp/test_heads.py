@@ -172,3 +172,29 @@ def test_student_trains_heads_and_trunk_together(kind):
     assert sorted(loss.per_depth) == [0, 1, 2]
     for depth in (0, 1, 2):
         assert float(loss.per_depth[depth].hard) < 0.7 * float(first.per_depth[depth].hard)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_mtp_batch_loss_under_bfloat16_autocast_is_close_to_float32(kind):
+    """The Distiller runs the loss under autocast: the heads' products and the fused loss's
+    run in bfloat16, the loss math in float32, the gradients reach the float32 parameters."""
+    student = MTPStudent.from_model(tiny_lm(), kind, 2)
+    perturbed(student.heads)
+    teacher = tiny_lm(1, n_embd=24).eval()
+    ids = torch.randint(32, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        teacher_hidden = last_hidden_states(teacher, ids)
+    options = {
+        "teacher_hidden": teacher_hidden, "teacher_layer": output_layer(teacher),
+        "temperature": 2.0, "alpha": 0.5,
+    }  # fmt: skip
+    full = mtp_batch_loss(student, ids, shift_labels(ids), **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = mtp_batch_loss(student, ids, shift_labels(ids), **options)
+    mixed.total.backward()
+    assert mixed.total.dtype == torch.float32
+    torch.testing.assert_close(mixed.total, full.total, rtol=2e-2, atol=0.0)
+    grads = [p.grad for p in student.heads.parameters()]
+    assert all(
+        g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads
+    )
