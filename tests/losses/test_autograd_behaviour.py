@@ -85,5 +85,13 @@ def test_losses_make_no_host_sync_on_cuda():
         fused_linear_cross_entropy(
             inputs["student_hidden"], inputs["student_weight"], inputs["labels"], chunk_size=16
         ).total.backward()
+        values, ids = logits.detach().log_softmax(-1).topk(8, dim=-1)
+        for tail in ("bucket", "none"):
+            dk.sparse_kd_loss(logits, ids, values, labels, alpha=0.5, tail=tail)[0].backward()
+        dk.fused_linear_sparse_kd_loss(
+            inputs["student_hidden"], inputs["student_weight"], ids[0].expand(3, 40, 8),
+            values[0].expand(3, 40, 8), inputs["labels"], alpha=0.5, chunk_size=16,
+            temperature=2.0,
+        ).total.backward()  # fmt: skip
     finally:
         torch.cuda.set_sync_debug_mode(previous)
