@@ -9,6 +9,7 @@ self-speculative decoding with them (docs/mtp.md).
 - :func:`mtp_kd_loss`: depth ``k`` at row ``i`` matched to the teacher at position ``i + k``,
   per-depth weights, on the fused chunked loss (no ``(tokens, vocab)`` logits);
   :func:`mtp_batch_loss`: the student's whole objective on a batch (next token + depths);
+  :class:`MTPTask`: that objective as a :class:`darkknowledge.Distiller` task;
 - :class:`MTPDrafter`, :func:`self_speculate`: the heads as the draft of
   :func:`darkknowledge.speculative.generate`; :func:`depth_acceptance_rates` measures them
   offline.
@@ -26,6 +27,7 @@ from .heads import (
 )
 from .loss import MTPLoss, count_valid_per_depth, depth_labels, mtp_batch_loss, mtp_kd_loss
 from .student import MTPOutput, MTPStudent, as_mtp_student
+from .task import MTPTask
 
 __all__ = [
     "MTPDrafter",
@@ -33,6 +35,7 @@ __all__ = [
     "MTPLoss",
     "MTPOutput",
     "MTPStudent",
+    "MTPTask",
     "ParallelMTPHeads",
     "SequentialMTPModules",
     "as_mtp_student",

@@ -64,6 +64,7 @@ class MTPStudent(nn.Module):
                 )
         self.model = model
         self.heads = heads
+        self.model_frozen = False
 
     @classmethod
     def from_model(
@@ -73,10 +74,29 @@ class MTPStudent(nn.Module):
         num_depths: int,
         *,
         intermediate_size: int | None = None,
+        freeze_model: bool = False,
     ) -> MTPStudent:
-        """``model`` with fresh heads of ``kind`` (``"parallel"``/``"sequential"``) sized for it."""
+        """``model`` with fresh heads of ``kind`` (``"parallel"``/``"sequential"``) sized for it;
+        ``freeze_model``: train the heads alone (:meth:`freeze_model`)."""
         heads = heads_for_model(model, kind, num_depths, intermediate_size=intermediate_size)
-        return cls(model, heads)
+        student = cls(model, heads)
+        return student.freeze_model() if freeze_model else student
+
+    def freeze_model(self) -> MTPStudent:
+        """Train the heads alone on a finished model: the model's parameters (its embedding and
+        output layer included) stop requiring gradients, and the model stays in eval mode
+        whatever ``train()`` says, so the heads learn from the same dropout-free states they
+        will draft from. Returns ``self``."""
+        self.model.requires_grad_(False)
+        self.model_frozen = True
+        self.model.eval()
+        return self
+
+    def train(self, mode: bool = True) -> MTPStudent:
+        super().train(mode)
+        if self.model_frozen:
+            self.model.eval()  # a frozen trunk never drops out
+        return self
 
     @property
     def num_depths(self) -> int:

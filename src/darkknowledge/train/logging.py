@@ -163,6 +163,24 @@ def train_record(
     }  # fmt: skip
     if grad_norm is not None:
         record["grad_norm"] = grad_norm
+    record.update(_task_logs(accelerator, outputs))
     steps, seconds, positions = window
     record.update(steps_per_s=steps / seconds, positions_per_s=positions / seconds)
     return PendingRecord(record)
+
+
+def _task_logs(accelerator: Any, outputs: list) -> dict[str, torch.Tensor]:
+    """The tasks' ``TaskOutput.logs``, summed over micro-batches and averaged over processes
+    like the loss parts (they carry the same normalizer)."""
+    names = list(outputs[0].logs or {})
+    if not names:
+        return {}
+    device = accelerator.device
+    values = torch.stack(
+        [
+            torch.stack([torch.as_tensor(o.logs[n], device=device).float() for n in names])
+            for o in outputs
+        ]
+    ).sum(0)  # (len(names),)
+    values = reduce_sum(accelerator, values.detach()) / accelerator.num_processes
+    return dict(zip(names, values))

@@ -39,12 +39,16 @@ class TaskOutput(NamedTuple):
     ``temperature`` (optional) is the temperature in force, its mean if per sample; tasks that
     leave it None get the Distiller's own reading of a float or scheduled temperature. The
     numbers may be 0-dim tensors: the Distiller reads them without stalling the GPU.
+    ``logs`` (optional) holds more numbers for the train record, divided by the step's
+    normalizer like the loss parts: the Distiller sums them over micro-batches and averages
+    them over processes (e.g. each MTP depth's loss).
     """
 
     loss: KDLoss
     soft_grad_norm: float | torch.Tensor | None = None
     hard_grad_norm: float | torch.Tensor | None = None
     temperature: float | torch.Tensor | None = None
+    logs: dict[str, float | torch.Tensor] | None = None
 
 
 @runtime_checkable
