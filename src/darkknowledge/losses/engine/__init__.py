@@ -55,6 +55,7 @@ from .sides import (
     SparseRows,
     SparseTeacher,
 )
+from .sparse import SparseKD
 
 __all__ = [
     "Buffers",
@@ -74,6 +75,7 @@ __all__ = [
     "Objective",
     "ObjectiveFactory",
     "SoftScale",
+    "SparseKD",
     "SparseRows",
     "SparseTeacher",
     "resolve_soft_scale",
