@@ -4,6 +4,7 @@ A cheap draft proposes ``gamma`` tokens; the target scores them all in one call 
 prefix so that every emitted token follows the target's distribution exactly:
 
 - :func:`acceptance_rate`: ``alpha = Σ min(p, q) = 1 − TVD(p, q)``, computed without decoding;
+  :func:`offline_acceptance_rate`: its mean over held-out text for a target and a draft model;
 - :func:`expected_tokens_per_call`, :func:`expected_speedup`: what ``alpha`` buys;
 - :func:`verify`: the accept/reject step on probabilities;
 - :func:`generate`: decoding of Hugging Face causal LMs with KV caches for both models;
@@ -18,6 +19,7 @@ first access.
 from .acceptance import acceptance_rate, expected_speedup, expected_tokens_per_call
 from .decode import GenerationOutput, autoregressive_generate, generate
 from .drafter import Draft, Drafter, ModelDrafter
+from .offline import OfflineAcceptance, offline_acceptance_rate
 from .verify import Sampler, verify
 
 __all__ = [
@@ -25,11 +27,13 @@ __all__ = [
     "Drafter",
     "GenerationOutput",
     "ModelDrafter",
+    "OfflineAcceptance",
     "Sampler",
     "acceptance_rate",
     "autoregressive_generate",
     "expected_speedup",
     "expected_tokens_per_call",
     "generate",
+    "offline_acceptance_rate",
     "verify",
 ]

@@ -143,12 +143,15 @@ class ModelDrafter:
             )
 
     def _fit_vocabulary(self, logits: torch.Tensor) -> torch.Tensor:
-        """``(V_draft,)`` logits to the target's width ``(V,)``."""
-        if self.vocab_size is None or logits.shape[-1] == self.vocab_size:
-            return logits
-        if logits.shape[-1] > self.vocab_size:
-            return logits[..., : self.vocab_size]
-        missing = self.vocab_size - logits.shape[-1]
-        return torch.cat(
-            [logits, logits.new_full((*logits.shape[:-1], missing), float("-inf"))], -1
-        )
+        return logits if self.vocab_size is None else fit_vocabulary(logits, self.vocab_size)
+
+
+def fit_vocabulary(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A draft's ``(..., V_draft)`` logits at the target's width ``(..., V)``: extra (padding)
+    logits cut, missing tokens at ``-inf`` (probability 0)."""
+    if logits.shape[-1] == vocab_size:
+        return logits
+    if logits.shape[-1] > vocab_size:
+        return logits[..., :vocab_size]
+    missing = vocab_size - logits.shape[-1]
+    return torch.cat([logits, logits.new_full((*logits.shape[:-1], missing), float("-inf"))], -1)
