@@ -4,6 +4,8 @@
   counts for every sequence of a dataset into sharded safetensors plus a JSON manifest
   (resumable, verified, keyed by sample id or content hash, across torchrun processes).
 - :class:`TeacherCache`: read it back by position, sample key or content.
+- :class:`CachedTeacher`, :func:`cached_loader`: train from the cache with
+  :class:`darkknowledge.llm.CachedCausalLMTask` (no teacher in memory).
 - :class:`CaptureBackend`: the interface a serving engine implements to write the same files;
   :class:`HuggingFaceBackend` is the default.
 
@@ -21,11 +23,16 @@ from .hashing import (
 )
 from .reader import TeacherCache
 from .targets import unique_counts
+from .training import CachedCollator, CachedTargets, CachedTeacher, cached_loader
 
 __all__ = [
+    "CachedCollator",
+    "CachedTargets",
+    "CachedTeacher",
     "CaptureBackend",
     "HuggingFaceBackend",
     "TeacherCache",
+    "cached_loader",
     "content_hash",
     "dataset_fingerprint",
     "inverse_cdf",

@@ -31,9 +31,10 @@ _OPEN_SHARDS = 16
 class TeacherCache:
     """A teacher cache folder written by :func:`darkknowledge.cache.write_teacher_cache`.
 
-    ``cache[i]`` is ``{"ids": (T_i, width) int64, "values": (T_i, width) float32, "key": str}``
-    for the dataset's sequence ``i``; padding entries hold id -1 and value 0. ``values`` are
-    log-probabilities at the capture temperature (``topk``) or draw counts (``sampled``).
+    ``cache[i]`` is ``{"ids": (T_i, width) int64, "values": (T_i, width) float32, "key": str,
+    "content_hash": str}`` for the dataset's sequence ``i``; padding entries hold id -1 and
+    value 0. ``values`` are log-probabilities at the capture temperature (``topk``) or draw
+    counts (``sampled``).
 
     Args:
         path: the cache folder.
@@ -132,6 +133,7 @@ class TeacherCache:
             "ids": decode_ids(ids, self.manifest["ids"]["encoding"]),
             "values": values.float(),
             "key": shard.keys[row],
+            "content_hash": shard.content_hashes[row],
         }
 
     def __iter__(self):
@@ -185,7 +187,7 @@ class TeacherCache:
             if self.verify and number not in self._verified:
                 self._compare(number, hashlib.sha256(data).hexdigest())
             tensors = _InMemory(load(data))
-        self._open[number] = _OpenShard(tensors, info["keys"])
+        self._open[number] = _OpenShard(tensors, info["keys"], info["content_hashes"])
         if len(self._open) > _OPEN_SHARDS:
             self._open.popitem(last=False)
         return self._open[number]
@@ -231,6 +233,7 @@ class TeacherCache:
 class _OpenShard(NamedTuple):
     tensors: Any  # safe_open handle or _InMemory
     keys: list[str]
+    content_hashes: list[str]
 
 
 class _InMemory:

@@ -3,9 +3,11 @@
 - :func:`shift_labels`: the one place labels are shifted (position t predicts token t+1).
 - :func:`output_layer`, :func:`last_hidden_states`: what the fused loss needs, without logits.
 - :class:`CausalLMTask`: the :class:`darkknowledge.Distiller` task, on the fused loss.
+- :class:`CachedCausalLMTask`: the same from a teacher cache (``dk.cache``), on the sparse loss.
 - :class:`PaddingCollator`: ragged examples -> one padded batch (left or right).
 """
 
+from .cached_task import CachedCausalLMTask
 from .collate import PaddingCollator
 from .heads import (
     OutputLayer,
@@ -18,6 +20,7 @@ from .labels import shift_labels
 from .task import CausalLMTask
 
 __all__ = [
+    "CachedCausalLMTask",
     "CausalLMTask",
     "OutputLayer",
     "PaddingCollator",
