@@ -89,7 +89,7 @@ def test_cli_distill_bad_config_exits_2_in_one_line(tmp_path, capsys):
         ("cli_helpers:NOT_CALLABLE", "not a callable"),
         (
             "resnet",
-            "student.name: got 'resnet' (allowed: mlp, cnn, linear, or 'package.module:callable')",
+            "student.name: got 'resnet' (allowed: mlp, cnn, linear, hf_causal_lm, or 'package.module:callable')",
         ),
     ],
 )

@@ -161,9 +161,81 @@ def distiller_kwargs(
     if distill:
         kwargs["temperature"] = temperature_from(config.distill, num_classes)
         kwargs["alpha"] = value_or_schedule(config.distill.alpha)
-        kwargs["loss_options"] = loss_options(config.distill)
+        options = loss_options(config.distill)
+        if config.task == "causal_lm":  # the others are refused by the config's checks
+            options = {name: options[name] for name in ("divergence", "soft_scale", "beta", "lam")}
+        kwargs["loss_options"] = options
     return kwargs
 
 
 def subdir(output_dir: str | None, name: str) -> str | None:
     return None if output_dir is None else os.path.join(output_dir, name)
+
+
+class ClassifierParts:
+    """What a run of ``task: classification`` builds from its config: data, models, loaders,
+    tasks and evaluation. :class:`._build_llm.CausalLMParts` is the same for causal LMs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.bundle = build_data(config.data)
+        self.num_classes = self.bundle.num_classes
+
+    def model(self, spec: ModelConfig, path: str) -> nn.Module:
+        return model_from_spec(spec, self.bundle)
+
+    def load(self, model: nn.Module, path: str) -> nn.Module:
+        return load_weights(model, path)
+
+    def loaders(self, stage: str, distill: bool) -> tuple[Any, Any]:
+        """Train and eval data of a stage (the student of a few-labels run sees its part)."""
+        train_set = self.bundle.student_train(distill=distill) if stage != "teacher" else None
+        return loaders(self.bundle, self.config.data, self.config.train.seed, train_set)
+
+    def task(self, stage: str, distill: bool) -> Any:
+        transfer = self.bundle.labelled is not None or self.config.distill.unlabelled == "distill"
+        if distill and transfer:  # soft targets on unlabelled examples too
+            from ..train import ClassificationTask
+
+            return ClassificationTask(ignore_index=IGNORE, distill_unlabelled=True)
+        return None  # the Distiller's default ClassificationTask
+
+    def eval_task(self) -> Any:
+        from ..train import ClassificationTask
+
+        return ClassificationTask()
+
+    def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A stage's final metrics, as reported (classifiers: unchanged)."""
+        return metrics
+
+
+def build_parts(config: Config) -> Any:
+    """:class:`ClassifierParts` or :class:`._build_llm.CausalLMParts`, by ``config.task``."""
+    if config.task == "causal_lm":
+        from ._build_llm import CausalLMParts
+
+        return CausalLMParts(config)
+    return ClassifierParts(config)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, parts: Any) -> dict[str, float]:
+    """``eval_loss``, ``eval_accuracy``, ``eval_count`` (and what ``parts.metrics`` adds) of a
+    model that is not trained here, on the config's eval data."""
+    _, eval_loader = parts.loaders("eval", False)
+    task, sums = parts.eval_task(), {}
+    was_training = model.training
+    model.eval()
+    for batch in eval_loader:
+        for key, value in task.eval_sums(model, batch).items():
+            sums[key] = sums.get(key, 0.0) + value
+    model.train(was_training)
+    count = sums.get("count", 0.0)
+    return parts.metrics(
+        {
+            "eval_loss": sums.get("loss", 0.0) / max(count, 1.0),
+            "eval_accuracy": sums.get("correct", 0.0) / max(count, 1.0),
+            "eval_count": count,
+        }
+    )

@@ -12,12 +12,11 @@ from torch import nn
 
 from ..chain import distill_chain, freeze
 from ..config import Config, thaw
-from ..models import load_weights
-from ..train import ClassificationTask, Interrupted, Terminated
+from ..train import Interrupted, Terminated
 from . import _output_dir as outputs
-from ._build import DataBundle, build_data, distiller_kwargs, loaders, model_from_spec, subdir
+from ._build import build_parts, distiller_kwargs, evaluate_model, subdir
 
-SHOWN = ("step", "total", "eval_loss", "eval_accuracy")
+SHOWN = ("step", "total", "eval_loss", "eval_accuracy", "eval_bits_per_token")
 
 
 def add_config_arguments(parser) -> None:
@@ -88,12 +87,17 @@ class _Stages:
     def run(self, distill: bool) -> list[dict[str, Any]]:
         config = self.config
         torch.manual_seed(config.train.seed)
-        self.bundle = build_data(config.data)
+        self.parts = parts = build_parts(config)  # data, models, tasks of the config's task
+        paths = (
+            ["student"]
+            if config.student is not None
+            else [f"stages.{i}" for i in range(len(config.stages))]
+        )
         if not distill:
-            student = model_from_spec(config.students[-1], self.bundle)
+            student = parts.model(config.students[-1], paths[-1])
             self.stage("baseline", student, None, _describe(config.students[-1]))
             return self.summaries
-        students = [model_from_spec(spec, self.bundle) for spec in config.students]
+        students = [parts.model(spec, path) for spec, path in zip(config.students, paths)]
         teacher = self.teacher()
         names = [f"stage{i}" if len(students) > 1 else "student" for i in range(len(students))]
 
@@ -105,13 +109,13 @@ class _Stages:
 
     def teacher(self) -> nn.Module:
         spec = self.config.teacher
-        teacher = model_from_spec(spec, self.bundle)
+        teacher = self.parts.model(spec, "teacher")
         if spec.checkpoint is None and spec.train_steps > 0:
             self.stage("teacher", teacher, None, _describe(spec), max_steps=spec.train_steps)
             return freeze(teacher)
         source = spec.checkpoint or "as built (train_steps=0: its callable may load weights)"
         _say(f"teacher ({_describe(spec)}): {source}")
-        metrics = _evaluate(teacher, self.bundle, self.config)
+        metrics = evaluate_model(teacher, self.parts)
         self.summaries.append(
             {"stage": "teacher", "model": _describe(spec), "source": source, **metrics}
         )
@@ -133,7 +137,7 @@ class _Stages:
         stage_dir = subdir(config.train.output_dir, name)
         done = None if self.trained else outputs.finished_stage(stage_dir, max_steps, self.resolved)
         if self.resume and done is not None:
-            load_weights(model, os.path.join(stage_dir, "model.safetensors"))
+            self.parts.load(model, os.path.join(stage_dir, "model.safetensors"))
             _say(
                 f"{name} ({description}): finished before, loaded from {stage_dir} (not retrained)"
             )
@@ -146,7 +150,7 @@ class _Stages:
         _say(f"{name} ({description}): {doing} for {max_steps} steps")
         distiller = self._distiller(name, model, teacher, stage_dir, max_steps)
         result = distiller.fit(resume=self.resume)
-        metrics = dict(result.final) if result.final else distiller.evaluate()
+        metrics = self.parts.metrics(dict(result.final) if result.final else distiller.evaluate())
         _say(f"{name}: {_format(metrics)}")
         summary = {"stage": name, "model": description, **metrics}
         if stage_dir is not None:
@@ -162,16 +166,12 @@ class _Stages:
     def _distiller(self, name, model, teacher, stage_dir, max_steps):
         from ..train import Distiller
 
-        config, bundle = self.config, self.bundle
+        config, parts = self.config, self.parts
         distill = teacher is not None
-        train_set = bundle.student_train(distill=distill) if name != "teacher" else None
-        task = None
-        transfer = bundle.labelled is not None or config.distill.unlabelled == "distill"
-        if distill and transfer:  # soft targets on unlabelled examples too
-            task = ClassificationTask(ignore_index=-100, distill_unlabelled=True)
-        train_loader, eval_loader = loaders(bundle, config.data, config.train.seed, train_set)
+        task = parts.task(name, distill)  # None: the Distiller's ClassificationTask
+        train_loader, eval_loader = parts.loaders(name, distill)
         kwargs = distiller_kwargs(
-            config, num_classes=bundle.num_classes, distill=distill, output_dir=stage_dir
+            config, num_classes=parts.num_classes, distill=distill, output_dir=stage_dir
         )
         kwargs.update(max_steps=max_steps, config=self.resolved)
         if distill:
@@ -179,27 +179,15 @@ class _Stages:
         return Distiller(model, teacher, train_loader, eval_data=eval_loader, task=task, **kwargs)
 
 
-@torch.no_grad()
-def _evaluate(model: nn.Module, bundle: DataBundle, config: Config) -> dict[str, float]:
-    """``eval_loss``, ``eval_accuracy``, ``eval_count`` of a model that is not trained here."""
-    _, eval_loader = loaders(bundle, config.data, config.train.seed)
-    task, sums = ClassificationTask(), {}
-    was_training = model.training
-    model.eval()
-    for batch in eval_loader:
-        for key, value in task.eval_sums(model, batch).items():
-            sums[key] = sums.get(key, 0.0) + value
-    model.train(was_training)
-    count = sums.get("count", 0.0)
-    return {
-        "eval_loss": sums.get("loss", 0.0) / max(count, 1.0),
-        "eval_accuracy": sums.get("correct", 0.0) / max(count, 1.0),
-        "eval_count": count,
-    }
-
-
 def _describe(spec) -> str:
-    return f"{spec.name} {list(spec.hidden)}" if spec.hidden else spec.name
+    if spec.hidden:
+        return f"{spec.name} {list(spec.hidden)}"
+    if "model_type" not in spec.args:
+        return spec.name
+    # hf_causal_lm: the model type and its sizes
+    sizes = {k: v for k, v in spec.args.items() if k.startswith("n_") or k.endswith("_size")}
+    shown = " ".join(f"{k}={v}" for k, v in sizes.items())
+    return f"{spec.name} {spec.args['model_type']}" + (f" ({shown})" if shown else "")
 
 
 def _format(metrics: dict[str, Any]) -> str:

@@ -1,5 +1,8 @@
 """``dk eval CONFIG --checkpoint PATH``: evaluate saved student weights on the config's eval data.
 
+Prints JSON: ``loss``, ``accuracy``, ``count`` (the means of the task's sums); for a causal LM
+also ``cross_entropy`` (= ``loss``, nats per token), ``bits_per_token`` and ``perplexity``.
+
 ``PATH`` is a ``.safetensors`` file, or a folder holding one: an exported student
 (``<run>/student/model.safetensors``, from ``dk distill``) or a training checkpoint
 (``<run>/student/checkpoints/step-00000100/student.safetensors``).
@@ -11,11 +14,9 @@ import json
 import os
 
 from ..config import load_config
-from ._build import build_data, loaders, model_from_spec
+from ..llm.models import WEIGHT_FILES  # inside a folder: an export, then a training checkpoint
+from ._build import build_parts
 from ._run import add_config_arguments
-
-# The weights file inside a folder: an export first, then a training checkpoint.
-WEIGHT_FILES = ("model.safetensors", "student.safetensors")
 
 
 def add_arguments(parser) -> None:
@@ -49,7 +50,6 @@ def weights_file(path: str) -> str:
 
 
 def run(args) -> int:
-    from ..models import load_weights
     from ..train import Distiller
 
     config = load_config(args.config, args.overrides)
@@ -58,11 +58,18 @@ def run(args) -> int:
             "the config has no `student` section (nor `stages`) to load the checkpoint into"
         )
     checkpoint = weights_file(args.checkpoint)
-    bundle = build_data(config.data)
-    student = load_weights(model_from_spec(config.students[-1], bundle), checkpoint)
-    train_loader, eval_loader = loaders(bundle, config.data, config.train.seed)
+    parts = build_parts(config)
+    path = "student" if config.student is not None else f"stages.{len(config.stages) - 1}"
+    student = parts.load(parts.model(config.students[-1], path), checkpoint)
+    train_loader, eval_loader = parts.loaders("eval", False)
     distiller = Distiller(
-        student, None, train_loader, max_steps=1, eval_data=eval_loader, progress=False
-    )
-    print(json.dumps(distiller.evaluate(eval_loader)))
+        student, None, train_loader, task=parts.eval_task(), max_steps=1, eval_data=eval_loader,
+        progress=False,
+    )  # fmt: skip
+    metrics = distiller.evaluate(eval_loader)
+    if config.task == "causal_lm":  # cross-entropy in nats per token, and what it means
+        from ._build_llm import lm_metrics
+
+        metrics = {"cross_entropy": metrics["loss"], **metrics, **lm_metrics(metrics["loss"])}
+    print(json.dumps(metrics))
     return 0

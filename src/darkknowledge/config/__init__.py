@@ -34,6 +34,7 @@ from .schema import (
     TeacherConfig,
     TrainConfig,
 )
+from .tasks import task_problems
 
 __all__ = [
     "COMMANDS",
@@ -87,6 +88,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             raise ConfigError([f"not valid YAML{where}: {problem}"], str(path)) from None
+        except UnicodeDecodeError as error:  # a binary file, or another encoding
+            raise ConfigError(
+                [f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"],
+                str(path),
+            ) from None
+        except RecursionError:  # PyYAML's parser recurses once per nesting level
+            raise ConfigError(["not a config: nested too deeply to parse"], str(path)) from None
     if document is None:
         return {}
     if not isinstance(document, Mapping):
@@ -172,6 +180,7 @@ def check_config(raw: Any) -> tuple[Config | None, list[str]]:
             f"distill.learnable_temperature.initial: must lie strictly inside (minimum, minimum + t_range) = "
             f"({learn.minimum:g}, {learn.minimum + learn.t_range:g}), got {learn.initial:g}"
         )
+    errors.extend(task_problems(config))  # fields that do not suit the task
     return (None, errors) if errors else (config, [])
 
 

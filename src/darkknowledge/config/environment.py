@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 from .schema import Config, ModelConfig
+from .tasks import causal_lm_checkpoint_problems
 
 COMMANDS = ("distill", "train", "eval")
 
@@ -37,7 +38,9 @@ def check_environment(config: Config, *, command: str = "distill") -> list[str]:
             "train_steps: 500} (dk train does not)"
         )
     for path, spec in _models(config, command):
-        if spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
+        if spec.checkpoint is not None and config.task == "causal_lm":
+            problems.extend(causal_lm_checkpoint_problems(spec, path))
+        elif spec.checkpoint is not None and not os.path.isfile(spec.checkpoint):
             where = os.path.abspath(spec.checkpoint)
             problems.append(f"{path}.checkpoint: no file {spec.checkpoint!r} (looked for {where})")
         problems.extend(_import_problem(spec.name, f"{path}.name"))

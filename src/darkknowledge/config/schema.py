@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ..llm.models import BUILTIN_LLM_MODELS
 from ..losses._checks import DIVERGENCES
 from ..models import BUILTIN_MODELS
 from .fields import (
@@ -36,6 +37,8 @@ from .fields import (
 
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 OPTIMIZERS = ("adamw", "adam", "sgd")
+TASKS = ("classification", "causal_lm")
+BUILTIN_DATA = ("digits", "stdlib_bytes")
 PRECISIONS = ("no", "fp16", "bf16")
 
 
@@ -74,8 +77,9 @@ def schedule_or_number(
 class ModelConfig:
     name: str = field_(
         "mlp",
-        builtin_or_reference(*BUILTIN_MODELS),
-        'a built-in model ("mlp", "cnn", "linear") or "package.module:callable" returning an nn.Module',
+        builtin_or_reference(*BUILTIN_MODELS, *BUILTIN_LLM_MODELS),
+        'a built-in model ("mlp", "cnn", "linear"; "hf_causal_lm" for task causal_lm) or '
+        '"package.module:callable" returning an nn.Module',
     )
     hidden: tuple[int, ...] = field_(
         (), tuple_of(integer(at_least=1)), "layer widths of an mlp, or conv channels of a cnn"
@@ -84,10 +88,18 @@ class ModelConfig:
         0.0, number(at_least=0, at_most=0.99), "dropout after each hidden layer (built-ins)"
     )
     args: Mapping[str, Any] = field_(
-        EMPTY, mapping, "keyword arguments for a package.module:callable model"
+        EMPTY,
+        mapping,
+        "keyword arguments for a package.module:callable model; for hf_causal_lm, the Hugging "
+        "Face config: model_type and its fields (e.g. {model_type: gpt2, n_layer: 2, n_embd: 64}; "
+        "vocab_size from the data when absent)",
     )
     checkpoint: str | None = field_(
-        None, optional(text), "safetensors weights to load into the model"
+        None,
+        optional(text),
+        "safetensors weights to load into the model; for hf_causal_lm also a folder (a "
+        "save_pretrained folder, used as is when args has no model_type; a dk export or "
+        "checkpoint folder). Local paths only, nothing is downloaded",
     )
 
 
@@ -109,8 +121,11 @@ class TeacherConfig(ModelConfig):
 class DataConfig:
     name: str = field_(
         "digits",
-        builtin_or_reference("digits"),
-        'a built-in data set ("digits") or "package.module:callable" returning (train, eval) datasets',
+        builtin_or_reference(*BUILTIN_DATA),
+        'a built-in data set ("digits"; "stdlib_bytes" for task causal_lm: the Python standard '
+        'library\'s source as bytes, offline) or "package.module:callable" returning (train, eval) '
+        "datasets (causal_lm: of token-id examples {input_ids, and optionally prompt_lengths, "
+        "completion_mask, labels, attention_mask}, padded by PaddingCollator)",
     )
     args: Mapping[str, Any] = field_(
         EMPTY, mapping, "keyword arguments for a package.module:callable data set"
@@ -128,6 +143,35 @@ class DataConfig:
         number(above=0, at_most=1),
         "digits: share of the training split whose labels the student sees (stratified, drawn with "
         "split_seed); dk distill gives soft targets on all of it, dk train only the labelled part",
+    )
+    block_size: int = field_(
+        64, integer(at_least=2), "stdlib_bytes: tokens (bytes) per training and eval window"
+    )
+    prompt_length: int = field_(
+        0,
+        integer(at_least=0),
+        "stdlib_bytes: the first N bytes of a training window are its prompt and the rest its "
+        "completion, the only tokens the loss counts (0: no prompt, every token counts); needed "
+        "by distill.on_policy. Eval windows count every token",
+    )
+    train_bytes: int = field_(
+        2_000_000,
+        integer(at_least=1),
+        "stdlib_bytes: bytes of training text (files in sorted order)",
+    )
+    heldout_bytes: int = field_(
+        32_768,
+        integer(at_least=1),
+        "stdlib_bytes: bytes of eval text, from every tenth file (files the models never see)",
+    )
+    vocab_size: int | None = field_(
+        None,
+        optional(integer(at_least=1)),
+        "causal_lm: vocabulary size for hf_causal_lm models whose args give none (null: 256 for "
+        "stdlib_bytes; user data must set it, or each model's args.vocab_size)",
+    )
+    pad_token_id: int = field_(
+        0, integer(at_least=0), "causal_lm user data: the id written at padding (masked out)"
     )
 
 
@@ -227,6 +271,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Config:
+    task: str = field_(
+        "classification",
+        choice(*TASKS),
+        'what the models do: "classification" (inputs -> class logits) or "causal_lm" (token ids '
+        "-> next-token logits; Hugging Face causal LMs, the fused loss, see docs/llm.md)",
+    )
     student: ModelConfig | None = field_(
         None, section(ModelConfig, optional=True), "the student model (omit when `stages` is given)"
     )

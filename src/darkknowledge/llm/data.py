@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 VOCAB_SIZE = 256
 
@@ -117,3 +118,49 @@ def sequential_windows(
     count = data.numel() // block_size
     windows = data[: count * block_size].long().view(count, block_size)  # (count, T)
     return [{"input_ids": windows[i : i + batch_size]} for i in range(0, count, batch_size)]
+
+
+class WindowDataset(Dataset):
+    """``count`` windows of ``block_size`` tokens at random offsets of ``data``, drawn once with
+    ``seed``: a map-style dataset, so that a ``DataLoader`` shuffles it by epoch and Accelerate
+    shards it over processes (:class:`RandomWindows` is an iterable: every process would read
+    the same batches). Item ``i`` is ``{"input_ids": (block_size,)}``, plus ``prompt_lengths``
+    (a 0-dim tensor) when ``prompt_length > 0``: the first ``prompt_length`` tokens are the
+    prompt, the rest its completion.
+
+    >>> data = WindowDataset(torch.arange(100, dtype=torch.uint8), block_size=8, prompt_length=3)
+    >>> len(data), data[0]["input_ids"].shape, int(data[0]["prompt_lengths"])
+    (12, torch.Size([8]), 3)
+    """
+
+    def __init__(
+        self,
+        data: torch.Tensor,
+        *,
+        block_size: int,
+        count: int | None = None,
+        prompt_length: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if data.numel() <= block_size:
+            raise ValueError(
+                f"the corpus ({data.numel()} tokens) must be longer than block_size={block_size}"
+            )
+        if not 0 <= prompt_length < block_size:
+            raise ValueError(
+                f"prompt_length must be in [0, block_size={block_size}), got {prompt_length}"
+            )
+        count = data.numel() // block_size if count is None else count
+        generator = torch.Generator().manual_seed(seed)
+        self.offsets = torch.randint(data.numel() - block_size + 1, (count,), generator=generator)
+        self.data, self.block_size, self.prompt_length = data, block_size, prompt_length
+
+    def __len__(self) -> int:
+        return self.offsets.numel()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = int(self.offsets[index])
+        item = {"input_ids": self.data[start : start + self.block_size].long()}  # (T,)
+        if self.prompt_length:
+            item["prompt_lengths"] = torch.tensor(self.prompt_length)
+        return item

@@ -1,0 +1,129 @@
+"""Checks that tie fields to the config's ``task``: classifiers and causal LMs take different
+models, data and loss options. Each problem names its field and what to write instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ..llm.data import VOCAB_SIZE
+from ..llm.models import BUILTIN_LLM_MODELS
+from ..models import BUILTIN_MODELS
+from .schema import Config, ModelConfig
+
+
+def task_problems(config: Any) -> list[str]:
+    """Every problem of a (possibly partial) config whose fields do not suit its ``task``."""
+    if not isinstance(config, Config):
+        return []
+    if config.task == "causal_lm":
+        return _causal_lm_problems(config)
+    problems = [
+        f"{path}.name: {spec.name!r} is a causal language model; set task: causal_lm"
+        for path, spec in _models(config)
+        if spec.name in BUILTIN_LLM_MODELS
+    ]
+    if config.data.name == "stdlib_bytes":
+        problems.append("data.name: stdlib_bytes is text for causal LMs; set task: causal_lm")
+    return problems
+
+
+def _causal_lm_problems(config: Config) -> list[str]:
+    problems = []
+    data = config.data
+    user_data = data.name not in ("stdlib_bytes", "digits")
+    for path, spec in _models(config):
+        if spec.name in BUILTIN_MODELS:
+            problems.append(
+                f"{path}.name: {spec.name!r} is a classifier; task causal_lm takes hf_causal_lm "
+                "or 'package.module:callable'"
+            )
+            continue
+        if spec.hidden or spec.dropout:
+            field = "hidden" if spec.hidden else "dropout"
+            problems.append(
+                f"{path}.{field}: not used by causal LMs; give the sizes in {path}.args "
+                "(e.g. {model_type: gpt2, n_layer: 2, n_embd: 64, resid_pdrop: 0.1})"
+            )
+        if spec.name != "hf_causal_lm":
+            continue
+        if "model_type" not in spec.args and spec.checkpoint is None:
+            problems.append(
+                f"{path}.args.model_type: missing; hf_causal_lm builds a model from a config "
+                f"(e.g. model_type: gpt2), or loads a save_pretrained folder given as {path}.checkpoint"
+            )
+        needs_vocab = "model_type" in spec.args and "vocab_size" not in spec.args
+        if needs_vocab and user_data and data.vocab_size is None:
+            problems.append(
+                f"{path}.args.vocab_size: missing, and user data gives none; set it (your "
+                "tokenizer's vocabulary size) here or once as data.vocab_size"
+            )
+    if data.name == "digits":
+        problems.append(
+            "data.name: digits are images for classifiers; task causal_lm takes stdlib_bytes or "
+            "'package.module:callable'"
+        )
+    if data.name == "stdlib_bytes":
+        if data.prompt_length >= data.block_size:
+            problems.append(
+                f"data.prompt_length: must be smaller than data.block_size={data.block_size} "
+                f"(a window needs a completion), got {data.prompt_length}"
+            )
+        if data.vocab_size is not None and data.vocab_size < VOCAB_SIZE:
+            problems.append(
+                f"data.vocab_size: stdlib_bytes has {VOCAB_SIZE} byte values, got {data.vocab_size}"
+            )
+    distill = config.distill
+    refused = {
+        "standardize": distill.standardize,
+        "dkd_weights": distill.dkd_weights is not None,
+        "learnable_temperature.per_sample": (
+            distill.learnable_temperature is not None and distill.learnable_temperature.per_sample
+        ),
+    }
+    problems += [
+        f"distill.{name}: not available for task causal_lm (the fused loss never builds the "
+        "full logits it needs)"
+        for name, on in refused.items()
+        if on
+    ]
+    if distill.unlabelled != "skip":
+        problems.append(
+            "distill.unlabelled: for classifiers; a causal LM's batch marks the tokens that count "
+            "itself (labels -100, prompt_lengths, completion_mask)"
+        )
+    return problems
+
+
+def _models(config: Config) -> Iterator[tuple[str, ModelConfig]]:
+    if config.teacher is not None:
+        yield "teacher", config.teacher
+    if config.student is not None:
+        yield "student", config.student
+    for index, spec in enumerate(config.stages):
+        yield f"stages.{index}", spec
+
+
+def causal_lm_checkpoint_problems(spec: ModelConfig, path: str) -> list[str]:
+    """What ``dk`` would meet loading ``spec.checkpoint`` of a causal LM: a safetensors file, a
+    folder holding weights, or (without ``args.model_type``) a ``save_pretrained`` folder."""
+    import os
+
+    from ..llm.models import WEIGHT_FILES
+
+    checkpoint = spec.checkpoint
+    where = os.path.abspath(checkpoint)
+    if not os.path.isdir(checkpoint):
+        if os.path.isfile(checkpoint):
+            return []
+        return [f"{path}.checkpoint: no file or folder {checkpoint!r} (looked for {where})"]
+    if spec.name == "hf_causal_lm" and "model_type" not in spec.args:
+        if os.path.isfile(os.path.join(checkpoint, "config.json")):
+            return []
+        return [
+            f"{path}.checkpoint: the folder {where} has no config.json (not a save_pretrained "
+            f"folder); give {path}.args.model_type and the sizes to build the model instead"
+        ]
+    if any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES):
+        return []
+    return [f"{path}.checkpoint: the folder {where} holds neither {' nor '.join(WEIGHT_FILES)}"]
