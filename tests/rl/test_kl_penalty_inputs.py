@@ -134,3 +134,17 @@ def test_kl_penalty_rejects_bad_input_naming_the_argument(override, error, messa
     arguments = {"logprobs": LOGPROBS, "ref_logprobs": REF, **override}
     with pytest.raises(error, match=message):
         dk.rl.kl_penalty(arguments.pop("logprobs"), arguments.pop("ref_logprobs"), **arguments)
+
+
+def test_kl_penalty_k2_gradient_is_the_same_in_both_modes_token_by_token():
+    """∇k2 = δ ∇log π is the surrogate's gradient exactly (docs/rl.md), while k1 and k3 differ."""
+    logprobs, ref_logprobs = _tokens()
+    grads = {}
+    for estimator in ("k1", "k2", "k3"):
+        for gradient in ("estimator", "unbiased"):
+            leaf = logprobs.clone().requires_grad_()
+            dk.rl.kl_penalty(leaf, ref_logprobs, estimator=estimator, gradient=gradient).backward()
+            grads[estimator, gradient] = leaf.grad
+    torch.testing.assert_close(grads["k2", "estimator"], grads["k2", "unbiased"])
+    for estimator in ("k1", "k3"):
+        assert not torch.allclose(grads[estimator, "estimator"], grads[estimator, "unbiased"])

@@ -22,14 +22,18 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import math
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import rl
 from .._files import write_json
@@ -42,7 +46,7 @@ from .rlhf_plots import format_table, plot_curves, sample_text
 class RLHFRecipe:
     """Sizes of one run. The teacher is the llm demo's (``teacher``), from its cache."""
 
-    steps: int = 60
+    steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 8
     prompt_length: int = 32
@@ -65,9 +69,17 @@ QUICK = RLHFRecipe(
 
 
 def run_rlhf_demo(
-    recipe: RLHFRecipe, *, cache_dir: Path, output_dir: Path, log=None
+    recipe: RLHFRecipe,
+    *,
+    cache_dir: Path,
+    output_dir: Path,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Load (or train) the teacher, run the loop once per KL coefficient, write the report."""
+    """Load (or train) the teacher, run the loop once per KL coefficient, write the report.
+
+    ``log`` receives one line per stage (None: silent); ``progress`` shows a bar per loop.
+    """
     say = log if log is not None else (lambda message: None)
     _check(recipe)
     started = time.perf_counter()
@@ -97,7 +109,7 @@ def run_rlhf_demo(
     for beta in recipe.kl_coefficients:
         policy = copy.deepcopy(reference).requires_grad_(True)
         began = time.perf_counter()
-        history = train_policy(policy, reference, corpus.train, recipe, beta)
+        history = train_policy(policy, reference, corpus.train, recipe, beta, progress=progress)
         seconds = time.perf_counter() - began
         result = {
             "kl_coefficient": beta,
@@ -127,7 +139,13 @@ def run_rlhf_demo(
 
 
 def train_policy(
-    policy, reference, text: torch.Tensor, recipe: RLHFRecipe, beta: float
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    text: torch.Tensor,
+    recipe: RLHFRecipe,
+    beta: float,
+    *,
+    progress: bool = False,
 ) -> list[dict[str, float]]:
     """The GRPO-style loop; returns per step: mean reward, the exact KL to the reference per
     completion byte (from the full logits) and the k-estimator's value."""
@@ -144,7 +162,8 @@ def train_policy(
     target = ord(recipe.target)
     groups, size = recipe.prompts_per_step, recipe.group_size
     history = []
-    for step, batch in enumerate(prompts):
+    bar = tqdm(prompts, desc=f"kl coefficient {beta:g}", disable=not progress, leave=False)
+    for step, batch in enumerate(bar):
         prompt = batch["input_ids"].repeat_interleave(size, 0)  # (B·G, P)
         completion = sample(policy, prompt, recipe.completion_length, generator)  # (B·G, L)
         sequences = torch.cat([prompt, completion], 1)  # (B·G, P + L)
@@ -177,11 +196,14 @@ def train_policy(
                 "kl_estimate": float(kl.detach()),
             }
         )
+        bar.set_postfix(reward=f"{history[-1]['reward']:.2f}", kl=f"{history[-1]['kl']:.2f}")
     return history
 
 
 @torch.no_grad()
-def sample(model, prompt: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+def sample(
+    model: torch.nn.Module, prompt: torch.Tensor, length: int, generator: torch.Generator
+) -> torch.Tensor:
     """``length`` tokens after each ``(N, P)`` prompt, from the model's full distribution at
     temperature 1 (no top-k, no top-p), with the KV cache. Returns ``(N, length)``."""
     # transformers 5.x renamed `past_key_values` (argument and output field) to `cache`.
@@ -275,6 +297,8 @@ def _check(recipe: RLHFRecipe) -> None:
         )
     if len(recipe.target.encode()) != 1:
         raise ValueError(f"--target must be one ASCII character (one byte), got {recipe.target!r}")
+    if not (recipe.learning_rate > 0 and math.isfinite(recipe.learning_rate)):
+        raise ValueError(f"--learning-rate must be finite and > 0, got {recipe.learning_rate}")
     if any(not beta >= 0 for beta in recipe.kl_coefficients) or not recipe.kl_coefficients:
         raise ValueError(f"--kl-coefficients must be >= 0, got {list(recipe.kl_coefficients)}")
     if recipe.estimator not in rl.ESTIMATORS:
@@ -308,7 +332,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_dir_argument(
         parser, f"results.json and reward_kl.png; default: {DEFAULT_OUTPUT_DIR}"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 with --quick, else torch's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -322,12 +351,24 @@ def run(args: argparse.Namespace) -> int:
         overrides["kl_coefficients"] = tuple(args.kl_coefficients)
     recipe = replace(recipe, **overrides)
     _check(recipe)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    # The quick models are tiny: a second thread only adds contention.
+    threads = args.threads if args.threads is not None else (1 if args.quick else None)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
-    report = run_rlhf_demo(recipe, cache_dir=Path(args.cache_dir), output_dir=output_dir, log=_say)
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        report = run_rlhf_demo(
+            recipe,
+            cache_dir=Path(args.cache_dir),
+            output_dir=output_dir,
+            log=_say,
+            progress=sys.stderr.isatty(),
+        )
+    finally:
+        torch.set_num_threads(previous_threads)  # leave the process as found (tests call main)
     print(format_table(report))
     print(f"report: {output_dir / 'results.json'}, {output_dir / 'reward_kl.png'}")
     return 0
