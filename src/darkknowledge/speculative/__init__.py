@@ -9,6 +9,7 @@ prefix so that every emitted token follows the target's distribution exactly:
 - :func:`verify`: the accept/reject step on probabilities;
 - :func:`generate`: decoding of Hugging Face causal LMs with KV caches for both models;
   :func:`autoregressive_generate`: the target alone, the baseline of a measured speed-up;
+- :func:`measure_speedup`: both decodings timed on the same prompts, beside the prediction;
 - :class:`Drafter`: what a draft must provide (a separate LM: :class:`ModelDrafter`; the
   target's own multi-token-prediction heads: self-speculation).
 
@@ -19,6 +20,7 @@ first access.
 from .acceptance import acceptance_rate, expected_speedup, expected_tokens_per_call
 from .decode import GenerationOutput, autoregressive_generate, generate
 from .drafter import Draft, Drafter, ModelDrafter
+from .measure import SpeedupMeasurement, measure_speedup
 from .offline import OfflineAcceptance, offline_acceptance_rate
 from .verify import Sampler, verify
 
@@ -29,11 +31,13 @@ __all__ = [
     "ModelDrafter",
     "OfflineAcceptance",
     "Sampler",
+    "SpeedupMeasurement",
     "acceptance_rate",
     "autoregressive_generate",
     "expected_speedup",
     "expected_tokens_per_call",
     "generate",
+    "measure_speedup",
     "offline_acceptance_rate",
     "verify",
 ]
