@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "darkknowledge.commands.validate",
         "check a config and list every problem at once",
     ),
+    "cache-teacher": (
+        "darkknowledge.commands.cache_teacher",
+        "capture the config's teacher once into teacher.cache (dk distill then trains from it)",
+    ),
     "demo": (
         "darkknowledge.commands.demo",
         "run a self-contained demo: classifier (default) or llm",

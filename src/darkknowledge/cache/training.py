@@ -172,6 +172,7 @@ def cached_loader(
     collate_fn: Callable[[list], Any] | None = None,
     drop_last: bool = False,
     check_dataset: bool = True,
+    generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A DataLoader of batches with their cached targets, for ``CachedCausalLMTask``.
 
@@ -185,7 +186,7 @@ def cached_loader(
     Args:
         dataset, check_dataset: as :class:`CachedTargets`.
         cache: a :class:`TeacherCache` or its folder.
-        batch_size, shuffle, drop_last: as ``torch.utils.data.DataLoader``.
+        batch_size, shuffle, drop_last, generator: as ``torch.utils.data.DataLoader``.
     """
     if isinstance(cache, str | Path):
         cache = TeacherCache(cache)
@@ -205,4 +206,5 @@ def cached_loader(
         prefetch_factor=prefetch_factor if num_workers else None,
         collate_fn=CachedCollator(collate_fn),
         drop_last=drop_last,
+        generator=generator,
     )

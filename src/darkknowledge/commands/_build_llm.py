@@ -86,6 +86,10 @@ class CausalLMParts:
     def loaders(self, stage: str, distill: bool) -> tuple[DataLoader, Any]:
         spec, data = self.config.data, self.data
         generator = torch.Generator().manual_seed(self.config.train.seed)
+        if distill and self.config.teacher.cache is not None:  # batches carry cached targets
+            from ._cached import cached_train_loader
+
+            return cached_train_loader(self.config, data, generator), data.eval
         train = DataLoader(
             data.train, batch_size=spec.batch_size, shuffle=True, generator=generator,
             collate_fn=data.collate, drop_last=False,
@@ -96,6 +100,10 @@ class CausalLMParts:
         """The fused-loss task; the distilled student's is on-policy with ``distill.on_policy``."""
         from ..llm.task import CausalLMTask
 
+        if distill and self.config.teacher.cache is not None:  # the fused sparse loss
+            from ._cached import cached_task
+
+            return cached_task(self.config)
         return CausalLMTask()
 
     def eval_task(self) -> Any:

@@ -109,6 +109,10 @@ class _Stages:
 
     def teacher(self) -> nn.Module:
         spec = self.config.teacher
+        if spec.cache is not None:  # its targets from a teacher cache: no teacher model
+            from ._cached import cached_teacher
+
+            return cached_teacher(self.config, self.summaries, _say)
         teacher = self.parts.model(spec, "teacher")
         if spec.checkpoint is None and spec.train_steps > 0:
             self.stage("teacher", teacher, None, _describe(spec), max_steps=spec.train_steps)

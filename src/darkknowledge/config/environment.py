@@ -37,6 +37,14 @@ def check_environment(config: Config, *, command: str = "distill") -> list[str]:
             "teacher: missing: dk distill needs a teacher, e.g. teacher: {hidden: [256], "
             "train_steps: 500} (dk train does not)"
         )
+    cache = config.teacher.cache if config.teacher is not None else None
+    if command == "distill" and cache is not None:
+        manifest = os.path.join(cache, "manifest.json")
+        if not os.path.isfile(manifest):
+            problems.append(
+                f"teacher.cache: no teacher cache at {cache!r} ({os.path.abspath(manifest)} does "
+                "not exist); write it with dk cache-teacher CONFIG"
+            )
     for path, spec in _models(config, command):
         if spec.checkpoint is not None and config.task == "causal_lm":
             problems.extend(causal_lm_checkpoint_problems(spec, path))
@@ -50,8 +58,8 @@ def check_environment(config: Config, *, command: str = "distill") -> list[str]:
 
 def _models(config: Config, command: str) -> Iterator[tuple[str, ModelConfig]]:
     """``(field path, spec)`` of every model the command builds."""
-    if command == "distill" and config.teacher is not None:
-        yield "teacher", config.teacher
+    if command == "distill" and config.teacher is not None and config.teacher.cache is None:
+        yield "teacher", config.teacher  # with a teacher cache, no teacher model is built
     if config.stages:
         stages = enumerate(config.stages)
         if command != "distill":  # dk train and dk eval build the last stage only

@@ -115,6 +115,13 @@ class TeacherConfig(ModelConfig):
         optional(choice("float32", "bfloat16", "float16")),
         "dtype the teacher runs in while it teaches, every teacher of a chain (null: as built)",
     )
+    cache: str | None = field_(
+        None,
+        optional(text),
+        "causal_lm: a teacher cache folder (docs/cache.md): dk cache-teacher writes the teacher's "
+        "sparse targets there (settings: the cache section), then dk distill trains the student "
+        "from it without the teacher model",
+    )
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,12 @@ class DistillConfig:
         'examples labelled -100: "skip" them, or "distill" on them: soft targets on every '
         "example, the hard term on the labelled ones, means over all (the transfer-set regime)",
     )
+    tail: str = field_(
+        "bucket",
+        choice("bucket", "none"),
+        "training from a top-k teacher.cache: the mass outside the k ids is one more category "
+        '("bucket") or dropped, both sides renormalised ("none"; biased)',
+    )
 
 
 @dataclass(frozen=True)
@@ -270,6 +283,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    representation: str = field_(
+        "topk", choice("topk", "sampled"), "what dk cache-teacher stores per position"
+    )
+    k: int = field_(32, integer(at_least=1), "topk: ids kept per position")
+    num_samples: int = field_(12, integer(at_least=1), "sampled: draws per position")
+    temperature: float = field_(
+        1.0, number(above=0), "capture temperature (training from the cache needs 1)"
+    )
+    values_dtype: str = field_("float16", choice("float16", "bfloat16"), "dtype of stored values")
+    shard_size: int = field_(512, integer(at_least=1), "sequences per shard file")
+    batch_size: int = field_(64, integer(at_least=1), "sequences per teacher call")
+    seed: int = field_(0, integer(at_least=0), "sampled: seed of the draws")
+
+
+@dataclass(frozen=True)
 class Config:
     task: str = field_(
         "classification",
@@ -293,6 +322,9 @@ class Config:
         DistillConfig(), section(DistillConfig), "the distillation objective"
     )
     train: TrainConfig = field_(TrainConfig(), section(TrainConfig), "the optimisation")
+    cache: CacheConfig = field_(
+        CacheConfig(), section(CacheConfig), "dk cache-teacher: how teacher.cache is captured"
+    )
 
     @property
     def students(self) -> tuple[ModelConfig, ...]:

@@ -17,8 +17,8 @@ def task_problems(config: Any) -> list[str]:
     if not isinstance(config, Config):
         return []
     if config.task == "causal_lm":
-        return _causal_lm_problems(config)
-    problems = [
+        return _causal_lm_problems(config) + _cache_problems(config)
+    problems = _cache_problems(config) + [
         f"{path}.name: {spec.name!r} is a causal language model; set task: causal_lm"
         for path, spec in _models(config)
         if spec.name in BUILTIN_LLM_MODELS
@@ -127,3 +127,30 @@ def causal_lm_checkpoint_problems(spec: ModelConfig, path: str) -> list[str]:
     if any(os.path.isfile(os.path.join(checkpoint, name)) for name in WEIGHT_FILES):
         return []
     return [f"{path}.checkpoint: the folder {where} holds neither {' nor '.join(WEIGHT_FILES)}"]
+
+
+def _cache_problems(config: Config) -> list[str]:
+    """``teacher.cache`` (training from a teacher cache): one causal-LM student, forward KL."""
+    if config.teacher is None or config.teacher.cache is None:
+        return []
+    if config.task != "causal_lm":
+        return ["teacher.cache: a teacher cache holds next-token targets; set task: causal_lm"]
+    distill, problems = config.distill, []
+    if config.stages:
+        problems.append(
+            "teacher.cache: not with `stages` (each assistant teaches the next one live); "
+            "give one `student`"
+        )
+    if distill.divergence != "forward_kl":
+        problems.append(
+            f"distill.divergence: training from teacher.cache is forward KL (the sparse loss), "
+            f"got {distill.divergence!r}"
+        )
+    if distill.learnable_temperature is not None:
+        problems.append(
+            "distill.learnable_temperature: not with teacher.cache (the sparse loss has no "
+            "gradient for T); give distill.temperature"
+        )
+    if getattr(distill, "on_policy", None):
+        problems.append("distill.on_policy: samples need the live teacher; remove teacher.cache")
+    return problems

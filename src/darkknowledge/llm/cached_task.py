@@ -33,8 +33,9 @@ from .task import CausalLMTask, _on_device
 
 # The batch keys of the cached targets (written by dk.cache.cached_loader's collator).
 TEACHER_IDS, TEACHER_VALUES = "teacher_ids", "teacher_values"
-# DistillationLoss options the sparse loss understands (it is forward KL only).
-_SPARSE_OPTIONS = ("soft_scale", "ignore_index", "divergence")
+# DistillationLoss options the sparse loss understands (it is forward KL only: beta and lam,
+# the parameters of other divergences, change nothing and are dropped).
+_SPARSE_OPTIONS = ("soft_scale", "ignore_index", "divergence", "beta", "lam")
 
 
 class SparseTargets(NamedTuple):
@@ -161,5 +162,6 @@ class CachedCausalLMTask(CausalLMTask):
                 f"ignore_index; got {unsupported or f'divergence={divergence!r}'}"
             )
         options = self._loss_options(loss_fn, step)
-        options.pop("divergence", None)
+        for unused in ("divergence", "beta", "lam"):
+            options.pop(unused, None)
         return options
