@@ -304,18 +304,11 @@ def test_distiller_logs_the_last_step_whatever_log_every():
     assert result.final["total"] == result.history[-1]["total"]
 
 
-@pytest.mark.parametrize(
-    ("variable", "message"),
-    [
-        ("ACCELERATE_USE_DEEPSPEED", "does not run under DeepSpeed"),
-        ("ACCELERATE_USE_FSDP", "under FSDP"),
-    ],
-)
-def test_distiller_refuses_deepspeed_and_fsdp(monkeypatch, variable, message):
-    """`accelerate launch` with a DeepSpeed or FSDP config sets these; the Distiller refuses
-    before Accelerate imports deepspeed (not installed here) or wraps the student."""
-    monkeypatch.setenv(variable, "true")
-    with pytest.raises(ValueError, match=message):
+def test_distiller_refuses_deepspeed(monkeypatch):
+    """`accelerate launch` with a DeepSpeed config sets this; the Distiller refuses before
+    Accelerate imports deepspeed (not installed here). FSDP: tests/train/fsdp/."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="does not run under DeepSpeed"):
         dk.Distiller(mlp(0), teacher_mlp(), loader(points(32), 16), max_steps=1, progress=False)
 
 

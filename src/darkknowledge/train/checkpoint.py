@@ -9,9 +9,12 @@ Layout of ``<output_dir>/checkpoints/step-<step:08d>/`` (what goes into the file
     optimizer.json            the rest of the optimizer's state dict, tensors replaced by their keys
     state.json                step, data position, world size, grad scaler, config hash, last records
     config.json               the run's resolved config (when the Distiller was given one)
+    sharded/                  under FSDP, instead of student.* and optimizer.*: the shards of
+                              both, one file per process (torch.distributed.checkpoint)
     rng-rank<r>.json          python and numpy RNG states of process r
     rng-rank<r>.safetensors   torch CPU (and CUDA) RNG states of process r
-    manifest.json             size and CRC-32 of every other file; written last
+    manifest.json             size and CRC-32 of every other file (sub-folders included);
+                              written last
 
 Writing (:func:`start`, then the files, then :func:`finish`): leftovers of a killed save
 (``.tmp-*``, ``.old-*``) are removed, the files go into ``.tmp-step-<step>``, each is fsynced,
@@ -101,12 +104,15 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def finish(temporary: Path, final: Path) -> Path:
     """Write the manifest of every file in ``temporary``, then publish it as ``final``."""
+    files = sorted(p for p in temporary.rglob("*") if p.is_file())
     manifest = {
-        p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)}
-        for p in sorted(temporary.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        name: {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+        for p in files
+        if (name := p.relative_to(temporary).as_posix()) != MANIFEST
     }
     write_json(temporary / MANIFEST, manifest)
+    for folder in sorted(p for p in temporary.rglob("*") if p.is_dir()):
+        _fsync_dir(folder)  # sub-folders (FSDP's sharded/) hold names too
     _fsync_dir(temporary)
     publish(temporary, final)
     return final

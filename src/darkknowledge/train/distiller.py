@@ -18,14 +18,17 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from accelerate.utils import send_to_device, set_seed
+from accelerate import Accelerator
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..losses import DistillationLoss
 from ..schedules import value_at
-from ._accelerate import make_accelerator, plain_steps, step_optimizer
+from ._accelerate import check_accelerator, make_accelerator, plain_steps, step_optimizer
 from .data import DataStream
-from .distributed import global_count_and_stop, reduce_sum, step_normalizer, sum_over_processes
+from .distributed import explain_timeouts, global_count_and_stop, reduce_sum, step_normalizer
+from .evaluation import evaluate_task
+from .fsdp import check_temperature, full_tensor
 from .interrupts import StopRequests, stop_exception
 from .logging import MetricLogger, PendingRecord, Throughput, train_record
 from .resume import check_fresh_output, export_weights, load_training_state, save_training_state
@@ -89,6 +92,7 @@ class Distiller:
         teacher_device: torch.device | str | None = None,
         student_config: dict | None = None,
         config: Mapping[str, Any] | None = None,
+        accelerator: Accelerator | None = None,
     ) -> None:
         self.task = task if task is not None else ClassificationTask()
         loss_options = dict(loss_options or {})
@@ -113,12 +117,17 @@ class Distiller:
         self.alpha = 0.0 if teacher is None else alpha  # no teacher: labels only, the baseline
 
         set_seed(seed)  # python, numpy, torch, CUDA; also the seed of the data sampler below
-        self.accelerator = acc = make_accelerator(mixed_precision)
+        if accelerator is None:
+            accelerator = make_accelerator(mixed_precision)  # FSDP when accelerate launch asks
+        else:
+            check_accelerator(accelerator, mixed_precision)
+        self.accelerator = acc = accelerator
         self.teacher = None
         if teacher is not None:
             self.teacher = freeze_teacher(teacher, teacher_dtype, teacher_device or acc.device)
         learned = isinstance(temperature, torch.nn.Module) and teacher is not None
         temperature_module = temperature if learned else None  # without a teacher: no soft term
+        check_temperature(acc, learned)  # FSDP2 prepares one model
         optimizer = build_optimizer(
             optimizer, student, temperature_module, learning_rate, weight_decay
         )
@@ -147,6 +156,7 @@ class Distiller:
 
     # ---- the loop ------------------------------------------------------------------------
 
+    @explain_timeouts
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``max_steps``. ``resume=True`` continues from the newest complete
         checkpoint in ``output_dir`` (or starts afresh when there is none); a fresh first
@@ -219,6 +229,7 @@ class Distiller:
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), self.max_grad_norm)
+            grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
         step_optimizer(self.optimizer, self._plain_steps)
         self.step += 1
         self._window.add(global_count)
@@ -298,36 +309,17 @@ class Distiller:
 
     # ---- evaluation ----------------------------------------------------------------------
 
-    @torch.no_grad()
+    @explain_timeouts
     def evaluate(self, data: Iterable | None = None) -> dict:
         """Means over ``data`` (default: ``eval_data``) of the task's ``eval_sums``, over all
-        processes: ``loss``, ``accuracy`` (from ``correct``) and ``count`` for classifiers."""
+        processes: ``loss``, ``accuracy`` (from ``correct``) and ``count`` for classifiers.
+        Process r takes batches r, r+W, ... (see :mod:`.evaluation`)."""
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError(
                 "evaluate needs data: pass evaluate(data=...) or Distiller(eval_data=...)"
             )
-        acc = self.accelerator
-        was_training = self.student.training
-        self.student.eval()
-        sums: dict[str, float] = {}
-        try:
-            for i, batch in enumerate(data):
-                if i % acc.num_processes != acc.process_index:  # process r: batches r, r+W, ...
-                    continue
-                batch = send_to_device(batch, acc.device)
-                for name, value in self.task.eval_sums(self.student, batch).items():
-                    sums[name] = sums.get(name, 0.0) + float(value)
-        finally:
-            self.student.train(was_training)
-        sums = sum_over_processes(acc, sums)
-        count = sums.get("count", 0.0)
-        metrics = {
-            ("accuracy" if n == "correct" else n): v / max(count, 1.0)
-            for n, v in sums.items()
-            if n != "count"
-        }
-        return {**metrics, "count": count}
+        return evaluate_task(self.accelerator, self.task, self.student, data)
 
     def _log_eval(self) -> None:
         self._eval_metrics, self._eval_step = self.evaluate(), self.step
@@ -359,6 +351,7 @@ class Distiller:
         if evaluation is not None:
             self._eval_step, self._eval_metrics = evaluation["step"], dict(evaluation["metrics"])
 
+    @explain_timeouts
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/checkpoints/step-<step>/`` (see :mod:`.checkpoint`) with the
         data position the next step will read; every process must call it, e.g. from a
@@ -369,6 +362,7 @@ class Distiller:
         self._saved_step = self.step
         return self._last_checkpoint
 
+    @explain_timeouts
     def export_student(self, path: str | Path, *, config: dict | None = None) -> Path:
         """Write the student alone: ``<path>/model.safetensors`` and, when the student has a
         config (``config``, ``student_config``, or a Hugging Face ``model.config``),

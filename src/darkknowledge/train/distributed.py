@@ -8,9 +8,15 @@ processes. DDP then *averages* gradients over processes, which gives exactly the
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+
+Method = TypeVar("Method", bound=Callable[..., Any])
 
 
 def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
@@ -48,3 +54,33 @@ def sum_over_processes(accelerator: Accelerator, sums: dict[str, float]) -> dict
         for name, value in part.items():
             total[name] = total.get(name, 0.0) + value
     return total
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective waited for the other processes until the process group's timeout."""
+
+
+def explain_timeouts(method: Method) -> Method:
+    """Decorate a Distiller method that runs collectives: a timeout in one of them (gloo raises
+    ``RuntimeError: ... Timed out waiting ...``) becomes a :class:`CollectiveTimeout` saying
+    what every process must do. NCCL's watchdog ends the process instead of raising."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except CollectiveTimeout:
+            raise
+        except RuntimeError as error:
+            acc = self.accelerator
+            if acc.num_processes == 1 or "timed out" not in str(error).lower():
+                raise
+            raise CollectiveTimeout(
+                f"Distiller.{method.__name__} on process {acc.process_index} of "
+                f"{acc.num_processes} waited for the other processes until the timeout: every "
+                "process must call fit, evaluate, save_checkpoint and export_student, in the "
+                "same order (a call on the main process alone waits for the others forever), "
+                f"and keep up with the others; {str(error).splitlines()[0]}"
+            ) from error
+
+    return wrapper  # type: ignore[return-value]

@@ -1,6 +1,7 @@
 """A Distiller's training state to and from a checkpoint (the folder format is
 :mod:`darkknowledge.train.checkpoint`'s): student, learnable temperature, optimizer, grad
-scaler, RNGs, step, data position, the run's config and its last log records.
+scaler, RNGs, step, data position, the run's config and its last log records. Under FSDP the
+student and optimizer are shards, read and written by every process (:mod:`.fsdp`).
 
 Resume takes the newest checkpoint that verifies; a missing or corrupted file gives a warning
 naming it and the previous checkpoint is used instead. A checkpoint of another run (another
@@ -18,6 +19,7 @@ import torch
 
 from .. import _files
 from . import checkpoint as ckpt
+from . import fsdp
 from .data import DataStream
 from .fingerprint import check_resumable, config_hash
 from .logging import METRICS_FILE
@@ -25,29 +27,40 @@ from .setup import student_config_dict
 
 
 def save_training_state(distiller: Any) -> Path:
-    """Write ``<output_dir>/checkpoints/step-<step>/``; every process must call it."""
+    """Write ``<output_dir>/checkpoints/step-<step>/``; every process must call it. Under FSDP
+    the student and optimizer go to ``sharded/`` (see :mod:`.fsdp`), one shard per process."""
     acc, output_dir = distiller.accelerator, distiller.output_dir
     final = ckpt.checkpoint_dir(output_dir, distiller.step)
     temporary = final.with_name(f".tmp-{final.name}")
-    student_state = acc.get_state_dict(distiller.student)  # a collective: all processes
+    sharded = fsdp.is_sharded(acc)
+    if not sharded:
+        student_state = acc.get_state_dict(distiller.student)  # a collective: all processes
     if acc.is_main_process:
         ckpt.start(final)
-        ckpt.write_safetensors(
-            temporary / "student.safetensors", ckpt.plain_state_dict(student_state)
-        )
+        if not sharded:
+            ckpt.write_safetensors(
+                temporary / "student.safetensors", ckpt.plain_state_dict(student_state)
+            )
+            tensors: dict[str, torch.Tensor] = {}
+            tree = ckpt.encode_tree(distiller.optimizer.state_dict(), tensors)
+            ckpt.write_json(temporary / "optimizer.json", tree)
+            ckpt.write_safetensors(temporary / "optimizer.safetensors", tensors)
         if distiller.temperature_module is not None:
             state = acc.unwrap_model(distiller.temperature_module).state_dict()
             ckpt.write_safetensors(
                 temporary / "temperature.safetensors", ckpt.plain_state_dict(state)
             )
-        tensors: dict[str, torch.Tensor] = {}
-        tree = ckpt.encode_tree(distiller.optimizer.state_dict(), tensors)
-        ckpt.write_json(temporary / "optimizer.json", tree)
-        ckpt.write_safetensors(temporary / "optimizer.safetensors", tensors)
         if distiller.config is not None:
             ckpt.write_json(temporary / "config.json", distiller.config)
-        ckpt.write_json(temporary / "state.json", _state(distiller))
     acc.wait_for_everyone()  # the folder exists before the other processes write into it
+    layout = None
+    if sharded:
+        saved_optimizer = fsdp.save_sharded(
+            distiller.student, distiller.optimizer, temporary / fsdp.SHARDED
+        )
+        layout = {"optimizer": saved_optimizer}
+    if acc.is_main_process:
+        ckpt.write_json(temporary / "state.json", _state(distiller, layout))
     rng_json, rng_tensors = ckpt.rng_state()
     rank = acc.process_index
     ckpt.write_json(temporary / f"rng-rank{rank}.json", rng_json)
@@ -60,7 +73,7 @@ def save_training_state(distiller: Any) -> Path:
     return final
 
 
-def _state(distiller: Any) -> dict[str, Any]:
+def _state(distiller: Any, sharded: dict | None) -> dict[str, Any]:
     acc, stream = distiller.accelerator, distiller.stream
     return {
         "step": distiller.step,
@@ -70,6 +83,7 @@ def _state(distiller: Any) -> dict[str, Any]:
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "config_hash": None if distiller.config is None else config_hash(distiller.config),
         "records": distiller.last_records(),
+        "sharded": sharded,  # FSDP: {"optimizer": saved or not}; None: whole-state files
     }
 
 
@@ -104,16 +118,19 @@ def _read(path: Path, rank: int) -> dict[str, Any]:
     ckpt.verify(path)
     loaded = {
         "state": ckpt.read_json(path / "state.json"),
-        "student": ckpt.read_safetensors(path / "student.safetensors"),
-        "optimizer": ckpt.decode_tree(
-            ckpt.read_json(path / "optimizer.json"),
-            ckpt.read_safetensors(path / "optimizer.safetensors"),
-        ),
         "rng": (
             ckpt.read_json(path / f"rng-rank{rank}.json"),
             ckpt.read_safetensors(path / f"rng-rank{rank}.safetensors"),
         ),
     }
+    if loaded["state"].get("sharded") is None:  # FSDP's shards are read in _apply (collective)
+        loaded["student"] = ckpt.read_safetensors(path / "student.safetensors")
+        loaded["optimizer"] = ckpt.decode_tree(
+            ckpt.read_json(path / "optimizer.json"),
+            ckpt.read_safetensors(path / "optimizer.safetensors"),
+        )
+    else:
+        loaded["shards"] = path / fsdp.SHARDED
     if (path / "temperature.safetensors").exists():
         loaded["temperature"] = ckpt.read_safetensors(path / "temperature.safetensors")
     if (path / "config.json").exists():
@@ -123,6 +140,13 @@ def _read(path: Path, rank: int) -> dict[str, Any]:
 
 def _check_same_run(distiller: Any, path: Path, loaded: dict[str, Any]) -> None:
     state, acc = loaded["state"], distiller.accelerator
+    was_sharded = state.get("sharded") is not None
+    if was_sharded != fsdp.is_sharded(acc):
+        raise ValueError(
+            f"checkpoint {path} was written {'with' if was_sharded else 'without'} FSDP (a "
+            f"sharded student and optimizer) and this run is {'without' if was_sharded else 'with'} "
+            "it; resume under the same launch set-up"
+        )
     if state["world_size"] != acc.num_processes:
         raise ValueError(
             f"checkpoint {path} was written by {state['world_size']} processes, this run has "
@@ -147,10 +171,16 @@ def _check_same_run(distiller: Any, path: Path, loaded: dict[str, Any]) -> None:
 
 def _apply(distiller: Any, loaded: dict[str, Any]) -> None:
     acc, state = distiller.accelerator, loaded["state"]
-    acc.unwrap_model(distiller.student).load_state_dict(loaded["student"])
+    if "shards" in loaded:
+        fsdp.load_sharded(
+            distiller.student, distiller.optimizer, loaded["shards"],
+            with_optimizer=state["sharded"]["optimizer"],
+        )  # fmt: skip
+    else:
+        acc.unwrap_model(distiller.student).load_state_dict(loaded["student"])
+        distiller.optimizer.load_state_dict(loaded["optimizer"])
     if distiller.temperature_module is not None:
         acc.unwrap_model(distiller.temperature_module).load_state_dict(loaded["temperature"])
-    distiller.optimizer.load_state_dict(loaded["optimizer"])
     if state["scaler"] is not None and acc.scaler is not None:
         acc.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(*loaded["rng"])

@@ -1,18 +1,21 @@
-"""FSDP2 through Accelerate on 2 CPU processes (gloo) gives the one-process result.
+"""``dk.Distiller`` and ``dk distill`` under FSDP2 on 2 CPU processes (gloo) give the
+one-process result, evaluate uneven shards without hanging, and resume after SIGKILL bit for bit.
 
-Each test launches ``fsdp_worker.py`` with torchrun; ``fsdp_worker.train`` makes the Distiller's
-calls (prepare, global-count normaliser, ``no_sync`` accumulation, ``clip_grad_norm_``,
-evaluation where process r takes batches r, r + W, ..., sharded checkpoints) and
-``fsdp_worker.reference_train`` is one plain PyTorch process over the whole global batch.
-To test the real Distiller, point ``fsdp_worker.train`` at it and keep these assertions.
+Each launch is ``accelerate launch --use_fsdp --fsdp_version 2 --num_processes 2 ...`` (the
+documented command) of ``fsdp_worker.py`` (a Distiller) or ``fsdp_cli.py`` (the ``dk``
+command), both on the test-only FSDP2 Accelerator of ``fsdp_worker.fsdp_accelerator``:
+Accelerate itself runs FSDP only on GPUs. ``fsdp_worker.reference`` is one plain PyTorch
+process over the whole global batch, with full logits and ``dk.kd_loss``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import accelerate
@@ -20,98 +23,139 @@ import fsdp_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
-from packaging.version import Version
+import yaml
 from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
-WORLD = 2
-# Clipping must bind for the norm comparison to mean something: every step's norm is larger.
 MLP = {"model": "mlp", "steps": 6, "grad_accum": 2, "max_grad_norm": 0.05}
 GPT2 = {"model": "gpt2", "steps": 3, "grad_accum": 2, "max_grad_norm": 0.2}
+# Two stages with dropout, accumulation, clipping; a checkpoint every 3 steps.
+CLI_CONFIG = {
+    "teacher": {"hidden": [32], "train_steps": 6, "dropout": 0.1},
+    "student": {"hidden": [8], "dropout": 0.1},
+    "data": {"name": "digits", "batch_size": 16, "eval_batch_size": 256},
+    "distill": {"temperature": 3.0, "alpha": 0.7},
+    "train": {
+        "max_steps": 9, "grad_accum_steps": 2, "max_grad_norm": 1.0, "save_every": 3,
+        "keep_last": 2, "log_every": 1, "eval_every": 6, "progress": False,
+    },
+}  # fmt: skip
+THROUGHPUT = ("steps_per_s", "positions_per_s", "seconds")
 
 
 def _fsdp2_missing() -> str | None:
+    from packaging.version import Version
+
     if not (dist.is_available() and dist.is_gloo_available()):
         return "torch.distributed with the gloo backend is not available"
     if Version(torch.__version__.split("+")[0]) < Version("2.6"):
-        return f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6, got {torch.__version__}"
-    if "fsdp_version" not in accelerate.FullyShardedDataParallelPlugin.__dataclass_fields__:
-        return f"FullyShardedDataParallelPlugin(fsdp_version=2) needs accelerate >= 1.6, got {accelerate.__version__}"
+        return f"FSDP2 needs torch >= 2.6, got {torch.__version__}"
+    if Version(accelerate.__version__) < Version("1.6"):
+        return f"FSDP2 through Accelerate needs accelerate >= 1.6, got {accelerate.__version__}"
     return None
 
 
 pytestmark = pytest.mark.skipif(_fsdp2_missing() is not None, reason=str(_fsdp2_missing()))
 
 
-def _launch(spec: dict, out: Path, *, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        "--nproc_per_node", str(WORLD), str(HERE / "fsdp_worker.py"),
-        json.dumps({"world_size": WORLD, "use_fsdp": True, **spec}), str(out),
+def _command(script: str, *args: str, wrap: bool = False) -> list[str]:
+    wrapping = ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"] if wrap else []
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+        *wrapping, "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", "0", str(HERE / script), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _launch(spec: dict, out: Path, *, timeout: float = 180.0) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    command = _command("fsdp_worker.py", json.dumps(spec), str(out), wrap=spec["model"] == "gpt2")
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _run(spec: dict, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    done = _launch(spec, out)
+    done = _launch({"output_dir": str(out / "run"), **spec}, out)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((out / "result.json").read_text())
-    assert result["is_fsdp2"] and result["sharded"] == "DTensor", result
-    return result, load_file(str(out / "student.safetensors"))
-
-
-def _reference(spec: dict) -> dict:
-    options = {k: spec[k] for k in ("model", "grad_accum", "max_grad_norm")}
-    return worker.reference_train(spec["steps"], world_size=WORLD, **options)
+    assert result["is_fsdp2"] and result["sharded"] == "DTensor", result  # sharded for real
+    return result, load_file(str(out / "student" / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
 def mlp_run(tmp_path_factory):
-    return _run(MLP, tmp_path_factory.mktemp("fsdp_mlp"))
+    return _run({**MLP, "save_every": 3, "refusals": True}, tmp_path_factory.mktemp("mlp"))
 
 
 @pytest.fixture(scope="module")
 def mlp_reference():
-    torch.manual_seed(0)
-    return _reference(MLP)
+    return worker.reference(MLP)
 
 
-def test_fsdp2_accumulation_matches_one_process(mlp_run, mlp_reference):
+def test_fsdp_accumulation_matches_one_process(mlp_run, mlp_reference):
     result, state = mlp_run
+    assert result["steps"] == list(range(1, MLP["steps"] + 1))
     assert sorted(state) == sorted(mlp_reference["state"])
     for name, value in mlp_reference["state"].items():
         torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # The logged total is the step's global mean loss.
     torch.testing.assert_close(
         torch.tensor(result["losses"]), torch.tensor(mlp_reference["losses"]), rtol=1e-6, atol=0
     )
 
 
-def test_fsdp2_clip_grad_norm_matches_one_process(mlp_run, mlp_reference):
-    norms = torch.tensor(mlp_run[0]["grad_norms"])
-    expected = torch.tensor(mlp_reference["grad_norms"])
-    assert len(norms) == MLP["steps"] and bool((expected > MLP["max_grad_norm"]).all())
+def test_fsdp_clip_grad_norm_matches_one_process(mlp_run, mlp_reference):
+    norms, expected = (
+        torch.tensor(mlp_run[0]["grad_norms"]),
+        torch.tensor(mlp_reference["grad_norms"]),
+    )
+    assert bool((expected > MLP["max_grad_norm"]).all())  # clipping binds on every step
     torch.testing.assert_close(norms, expected, rtol=1e-6, atol=0)
 
 
-def test_fsdp2_no_sync_defers_gradient_reduction(mlp_run):
-    # Accelerate >= 1.11 maps no_sync to FSDPModule.set_requires_gradient_sync(False): no sharded
-    # gradient exists until the last micro-batch. Before, no_sync did nothing under FSDP2 (every
-    # micro-batch reduce-scattered): the same numbers, more communication.
-    deferred = Version(accelerate.__version__) >= Version("1.11")
-    assert mlp_run[0]["no_sync_deferred_reduction"] is deferred
-
-
-def test_fsdp2_padded_evaluation_matches_one_process(mlp_run, mlp_reference):
+def test_fsdp_uneven_evaluation_matches_one_process(mlp_run, mlp_reference):
+    # 5 batches on 2 processes; 18 rows with every 3rd label ignored: 12 count.
     evaluation = mlp_run[0]["eval"]
-    # 18 rows with every 3rd label ignored: 12 valid.
-    assert evaluation["count"] == mlp_reference["eval"]["count"] == 12.0
+    assert evaluation["count"] == mlp_reference["eval"]["count"] == 12
     assert evaluation["loss"] == pytest.approx(mlp_reference["eval"]["loss"], rel=1e-6)
 
 
-def test_fsdp2_gpt2_matches_one_process_and_exports_full_weights(tmp_path):
+def test_fsdp_refuses_learnable_temperature_and_fp16_without_scaler(mlp_run):
+    refusals = mlp_run[0]["refusals"]
+    assert "LearnableTemperature is not supported under FSDP" in refusals["learnable_temperature"]
+    assert "fp16' under FSDP needs Accelerate's gradient scaler" in refusals["fp16"]
+
+
+def test_fsdp_checkpoint_holds_shards_listed_in_the_manifest(mlp_run, tmp_path):
+    checkpoint = Path(mlp_run[0]["output_dir"]) / "checkpoints" / "step-00000006"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    shards = sorted(n for n in manifest if n.startswith("sharded/"))
+    assert shards == ["sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"]
+    assert not (checkpoint / "student.safetensors").exists()
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["sharded"] == {"optimizer": True} and state["world_size"] == 2
+
+
+def test_fsdp_checkpoint_refused_without_fsdp(mlp_run):
+    import darkknowledge as dk
+
+    output_dir = Path(mlp_run[0]["output_dir"])
+    student, teacher = worker.models("mlp")
+    data = worker.train_loader("mlp", 1, 1, 1, 4)
+    distiller = dk.Distiller(
+        student, teacher, data, max_steps=6, output_dir=output_dir, progress=False
+    )
+    with pytest.raises(ValueError, match=r"was written with FSDP .* this run is without it"):
+        distiller.fit(resume=True)
+
+
+def test_fsdp_gpt2_causal_lm_matches_one_process_and_exports_full_weights(tmp_path):
     result, state = _run(GPT2, tmp_path)
-    reference = _reference(GPT2)
+    reference = worker.reference(GPT2)
+    assert sorted(state) == sorted(reference["state"])  # tied lm_head.weight exported too
     for name, value in reference["state"].items():
         # c_attn's key bias has a zero true gradient (softmax ignores it): AdamW turns its
         # rounding noise into updates of ~1e-6, in either run.
@@ -119,46 +163,113 @@ def test_fsdp2_gpt2_matches_one_process_and_exports_full_weights(tmp_path):
     norms = torch.tensor(reference["grad_norms"])
     assert bool((norms > GPT2["max_grad_norm"]).all())
     torch.testing.assert_close(torch.tensor(result["grad_norms"]), norms, rtol=1e-5, atol=0)
-    # 5 evaluation batches on 2 processes (3 and 2 forwards, padded to 3 and 3).
+    torch.testing.assert_close(
+        torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=1e-5, atol=0
+    )
+    # 5 evaluation batches on 2 processes, each block its own FSDP unit: without padding to
+    # 3 forwards each, the processes' all-gathers would not match and both would time out.
     assert result["eval"]["count"] == reference["eval"]["count"]
     assert result["eval"]["loss"] == pytest.approx(reference["eval"]["loss"], rel=1e-5)
-    # The export is the full, unsharded state: it loads into a fresh model.
+    assert torch.equal(state["lm_head.weight"], state["transformer.wte.weight"])  # still tied
     student, _ = worker.models("gpt2")
-    student.load_state_dict(state, strict=True)
-    ids = torch.arange(worker.LENGTH)[None] % worker.VOCAB
-    reference_student, _ = worker.models("gpt2")
-    reference_student.load_state_dict(reference["state"])
-    torch.testing.assert_close(
-        student(input_ids=ids).logits, reference_student(input_ids=ids).logits, rtol=1e-4, atol=1e-5
-    )
+    student.load_state_dict(state, strict=True)  # the full, unsharded state
 
 
-def test_fsdp2_unpadded_evaluation_times_out(tmp_path):
-    # GPT-2 has one FSDP unit per block besides the root: every forward all-gathers the blocks'
-    # parameters. With 5 batches process 0 runs a third forward while process 1 waits in the
-    # metric all-reduce: the collectives do not match and both wait until the timeout.
-    # (The root unit alone, as in the MLP, stays unsharded after the first eval forward, so an
-    # unpadded evaluation happens to pass there: no guarantee.)
-    spec = {**GPT2, "steps": 1, "evaluation": "unpadded", "timeout_s": 5}
+def test_fsdp_collective_timeout_is_a_clear_error(tmp_path):
+    # Only the main process evaluates: its forward waits for the other process, which never
+    # joins, until the process group's timeout (6 s here).
+    spec = {**MLP, "output_dir": None, "timeout_s": 6, "evaluate_alone": True}
+    started = time.monotonic()
     done = _launch(spec, tmp_path)
     assert done.returncode != 0
-    assert "Timed out waiting 5000ms" in done.stderr, done.stderr[-3000:]
-    assert "in evaluate" in done.stderr  # not a slow training collective
-    assert not (tmp_path / "result.json").exists()
+    assert "CollectiveTimeout: Distiller.evaluate on process 0 of 2 waited" in done.stderr, (
+        done.stderr[-3000:]
+    )
+    assert (
+        "every process must call fit, evaluate, save_checkpoint and export_student" in done.stderr
+    )
+    assert time.monotonic() - started < 120
 
 
-def test_fsdp2_resume_after_kill_is_bitwise_identical(tmp_path, mlp_run):
-    checkpoints = tmp_path / "checkpoints"
-    spec = {**MLP, "checkpoint_dir": str(checkpoints), "save_every": 3}
-    killed = _launch({**spec, "die_after": 4}, tmp_path / "killed")
-    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
-    # The kill came after step 4: the only complete checkpoint is step 3, no temporary folder.
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000003"]
-    result, state = _run({**spec, "resume": True}, tmp_path / "resumed")
-    uninterrupted, uninterrupted_state = mlp_run
-    assert result["start_step"] == 3
-    assert result["losses"] == uninterrupted["losses"][3:]
-    assert result["grad_norms"] == uninterrupted["grad_norms"][3:]
-    assert result["eval"] == uninterrupted["eval"]
-    for name, value in uninterrupted_state.items():
-        assert torch.equal(state[name], value), name
+def _dk_distill(config: Path, output_dir: Path, *extra: str) -> list[str]:
+    return _command("fsdp_cli.py", "distill", str(config), f"train.output_dir={output_dir}", *extra)
+
+
+def _records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in THROUGHPUT} for x in lines]
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (torchrun starts each worker in a session of its own, so
+    killing the launcher's process group would leave the workers running)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, frontier = [root], [root]
+    while frontier:
+        frontier = [child for pid in frontier for child in parents.get(pid, [])]
+        tree += frontier
+    return tree
+
+
+def _result_rows(run: Path) -> list[dict]:
+    """results.json without timings and paths; "identity" (the config's fingerprint) is only
+    in the rows of stages that a resume loaded from their summary."""
+    ignored = (*THROUGHPUT, "weights", "identity")
+    rows = json.loads((run / "results.json").read_text())
+    return [{k: v for k, v in row.items() if k not in ignored} for row in rows]
+
+
+def _kill_in_second_save(command: list[str], output_dir: Path, timeout: float = 180.0) -> None:
+    """Run ``command`` and SIGKILL it, launcher and workers at once, as soon as the student's
+    second checkpoint (step 6) is being written: its files half there, step 3 complete."""
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    checkpoints, deadline = output_dir / "student" / "checkpoints", time.monotonic() + timeout
+    while not (checkpoints / ".tmp-step-00000006").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the run ended before its second save: {process.communicate()[1][-3000:]}")
+        time.sleep(0.0005)
+    for pid in reversed(_process_tree(process.pid)):  # workers first, the launcher last
+        os.kill(pid, signal.SIGKILL)
+    process.communicate()
+
+
+def test_fsdp_dk_distill_resume_after_kill_is_bitwise_identical(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CLI_CONFIG))
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = subprocess.run(
+        _dk_distill(config, reference), env=_env(), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    _kill_in_second_save(_dk_distill(config, killed), killed)
+    student_checkpoints = killed / "student" / "checkpoints"
+    assert sorted(p.name for p in student_checkpoints.iterdir()) == [
+        ".tmp-step-00000006", "step-00000003",
+    ]  # fmt: skip
+    resumed = subprocess.run(
+        _dk_distill(config, killed, "--resume"), env=_env(), capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "teacher (mlp [32]): finished before, loaded from" in resumed.stdout
+    # Sharded student and optimizer from step 3 (DCP), the teacher from its full weights.
+    assert sorted(p.name for p in student_checkpoints.iterdir()) == [
+        "step-00000006", "step-00000009",
+    ]  # fmt: skip
+    for stage in ("teacher", "student"):
+        ours = (killed / stage / "model.safetensors").read_bytes()
+        assert ours == (reference / stage / "model.safetensors").read_bytes(), stage
+        assert _records(killed / stage / "metrics.jsonl") == _records(
+            reference / stage / "metrics.jsonl"
+        ), stage
+    assert _result_rows(killed) == _result_rows(reference)
