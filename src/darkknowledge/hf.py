@@ -28,13 +28,17 @@ its vocabulary products in the autocast dtype and its softmax math in float32).
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
+from transformers.trainer_utils import get_last_checkpoint
 
+from .llm.heads import output_layer
 from .llm.task import CausalLMTask
+from .llm.vocab import shared_vocab_size
 from .losses import DistillationLoss
 from .losses._checks import check_divergence_name, check_unit_interval
 from .losses.fused import DEFAULT_CHUNK_SIZE
@@ -51,6 +55,11 @@ class DistillationTrainer(transformers.Trainer):
         alpha: weight of the soft term, a float or a schedule.
         divergence, beta, lam, soft_scale: see :func:`darkknowledge.kd_loss`.
         chunk_size: positions per chunk of the fused loss.
+        vocab_size: the vocabulary both output layers are cut to when one only adds padding
+            rows; None: inferred (same size, or one padded to a multiple of a power of two),
+            and a real mismatch is refused here (:func:`darkknowledge.llm.vocab.shared_vocab_size`).
+        teacher_tokenizer: the teacher's tokenizer; with the student's as ``processing_class``,
+            their token ids are compared and any disagreement refused.
         *args, **kwargs: the ``Trainer``'s own (``args=TrainingArguments(...)``, datasets, ...).
 
     Batches hold ``input_ids``, ``attention_mask`` and unshifted ``labels`` (``-100`` where
@@ -74,6 +83,8 @@ class DistillationTrainer(transformers.Trainer):
         lam: float = 0.1,
         soft_scale: str | float = "T2",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        vocab_size: int | None = None,
+        teacher_tokenizer: Any = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(teacher_model, nn.Module):
@@ -89,7 +100,22 @@ class DistillationTrainer(transformers.Trainer):
                 f"DistillationTrainer does not support DataParallel (n_gpu={self.args.n_gpu} in one process); "
                 "launch one process per GPU with torchrun or accelerate launch"
             )
-        self.task = CausalLMTask(chunk_size=chunk_size)
+        student_tokenizer = getattr(self, "processing_class", None) or getattr(
+            self, "tokenizer", None
+        )
+        if teacher_tokenizer is not None and student_tokenizer is None:
+            raise ValueError(
+                "teacher_tokenizer is compared with the student's tokenizer: pass that one as "
+                "processing_class (or tokenizer=) too"
+            )
+        shared = shared_vocab_size(  # a tokenizer mismatch is refused now, not at step 1
+            output_layer(self.model).weight.shape[0],
+            output_layer(teacher_model).weight.shape[0],
+            vocab_size=vocab_size,
+            student_tokenizer=student_tokenizer if teacher_tokenizer is not None else None,
+            teacher_tokenizer=teacher_tokenizer,
+        )
+        self.task = CausalLMTask(chunk_size=chunk_size, vocab_size=shared)
         self.loss_fn = DistillationLoss(
             temperature=temperature,
             alpha=alpha,
@@ -222,6 +248,21 @@ class DistillationTrainer(transformers.Trainer):
             output.metrics[f"{prefix}_perplexity"] = math.exp(min(cross_entropy, 700.0))
             output.metrics[f"{prefix}_soft"] = soft_sum / count
         return output
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """The Trainer's ``train``. Resuming, the Trainer reads its ``*.pt``/``*.pth`` files with
+        ``torch.load(weights_only=True)``; a pickle that such a load refuses (one that names
+        code, which is never run) is reported as a ``ValueError`` naming the folder."""
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except pickle.UnpicklingError:  # torch's own message is a page long
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            raise ValueError(
+                f"resume_from_checkpoint {str(resume_from_checkpoint)!r}: a .pt/.pth file in it "
+                "holds a pickle that torch.load(weights_only=True) refuses (it names code, which "
+                "is never run): not a checkpoint this Trainer wrote"
+            ) from None
 
     def _averages_across_devices(self) -> bool:
         return (

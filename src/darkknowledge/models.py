@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -139,26 +140,29 @@ def build_model(
     return model
 
 
-def load_weights(model: nn.Module, path: str) -> nn.Module:
-    """Load safetensors weights into ``model`` (strict: every key must match)."""
+def load_weights(model: nn.Module, path: str, *, what: str = "checkpoint") -> nn.Module:
+    """Load safetensors weights into ``model`` (strict: every key must match). ``what`` names
+    the file in errors (a config field such as ``teacher.checkpoint``)."""
     from safetensors.torch import load_file
 
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give the .safetensors file inside it")
     try:
         state = load_file(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist") from None
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
     except Exception as error:  # safetensors raises its own error type for a bad file
-        raise ValueError(f"checkpoint {path!r} is not a safetensors file ({error})") from None
+        raise ValueError(f"{what} {path!r} is not a safetensors file ({error})") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches: keep the first line, it names the tensor
         detail = str(error).strip().splitlines()
         raise ValueError(
-            f"checkpoint {path!r} does not fit the model: {detail[-1].strip() if detail else error}"
+            f"{what} {path!r} does not fit the model: {detail[-1].strip() if detail else error}"
         ) from None
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {path!r} does not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
+            f"{what} {path!r} does not fit the model: missing keys {missing[:3]}, unexpected keys {unexpected[:3]}"
         )
     return model
 

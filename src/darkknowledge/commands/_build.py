@@ -85,7 +85,7 @@ def loaders(
     return train, evaluation
 
 
-def model_from_spec(spec: ModelConfig, bundle: DataBundle) -> nn.Module:
+def model_from_spec(spec: ModelConfig, bundle: DataBundle, what: str = "model") -> nn.Module:
     model = build_model(
         spec.name,
         in_features=bundle.in_features,
@@ -95,7 +95,7 @@ def model_from_spec(spec: ModelConfig, bundle: DataBundle) -> nn.Module:
         args=thaw(spec.args),
     )
     if spec.checkpoint is not None:
-        load_weights(model, spec.checkpoint)
+        load_weights(model, spec.checkpoint, what=f"{what}.checkpoint")
     return model
 
 
@@ -182,7 +182,7 @@ class ClassifierParts:
         self.num_classes = self.bundle.num_classes
 
     def model(self, spec: ModelConfig, path: str) -> nn.Module:
-        return model_from_spec(spec, self.bundle)
+        return model_from_spec(spec, self.bundle, path)
 
     def load(self, model: nn.Module, path: str) -> nn.Module:
         return load_weights(model, path)

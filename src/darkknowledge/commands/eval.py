@@ -14,7 +14,7 @@ import json
 import os
 
 from ..config import load_config
-from ..llm.models import WEIGHT_FILES  # inside a folder: an export, then a training checkpoint
+from ..llm.models import WEIGHT_FILES, pickle_note  # a folder: an export, then a checkpoint
 from ._build import build_parts
 from ._run import add_config_arguments
 
@@ -45,7 +45,8 @@ def weights_file(path: str) -> str:
         if steps:
             hint = f"; its latest checkpoint is {os.path.join(steps_folder, steps[-1])}"
     raise FileNotFoundError(
-        f"--checkpoint {path!r}: the folder holds neither {' nor '.join(WEIGHT_FILES)}{hint}"
+        f"--checkpoint {path!r}: the folder holds neither {' nor '.join(WEIGHT_FILES)}"
+        f"{pickle_note(path)}{hint}"
     )
 
 

@@ -35,6 +35,7 @@ from .schema import (
     TrainConfig,
 )
 from .tasks import task_problems
+from .yaml_nodes import document_problems
 
 __all__ = [
     "COMMANDS",
@@ -82,19 +83,24 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     may also name a packaged preset (``digits_kd``, see :func:`presets`)."""
     with open(resolve_config(path), encoding="utf-8") as handle:
         try:
-            document = yaml.safe_load(handle)
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise ConfigError([f"not valid YAML{where}: {problem}"], str(path)) from None
+            text = handle.read()
         except UnicodeDecodeError as error:  # a binary file, or another encoding
             raise ConfigError(
                 [f"not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start})"],
                 str(path),
             ) from None
-        except RecursionError:  # PyYAML's parser recurses once per nesting level
-            raise ConfigError(["not a config: nested too deeply to parse"], str(path)) from None
+    try:
+        document = yaml.safe_load(text)
+        problems = document_problems(text)  # repeated keys, alias bombs
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError([f"not valid YAML{where}: {problem}"], str(path)) from None
+    except RecursionError:  # PyYAML's parser recurses once per nesting level
+        raise ConfigError(["not a config: nested too deeply to parse"], str(path)) from None
+    if problems:
+        raise ConfigError(problems, str(path))
     if document is None:
         return {}
     if not isinstance(document, Mapping):

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..llm.data import VOCAB_SIZE
 from ..llm.models import BUILTIN_LLM_MODELS
+from ..llm.vocab import is_padding
 from ..models import BUILTIN_MODELS
 from .schema import Config, ModelConfig
 
@@ -58,6 +59,7 @@ def _causal_lm_problems(config: Config) -> list[str]:
                 f"{path}.args.vocab_size: missing, and user data gives none; set it (your "
                 "tokenizer's vocabulary size) here or once as data.vocab_size"
             )
+    problems += _vocabulary_problems(config)
     if data.name == "digits":
         problems.append(
             "data.name: digits are images for classifiers; task causal_lm takes stdlib_bytes or "
@@ -95,6 +97,26 @@ def _causal_lm_problems(config: Config) -> list[str]:
     return problems
 
 
+def _vocabulary_problems(config: Config) -> list[str]:
+    """Models whose ``args.vocab_size`` differs from the teacher's by more than padding: two
+    tokenizers, which distillation (token id by token id) cannot compare."""
+    teacher = config.teacher.args.get("vocab_size") if config.teacher is not None else None
+    if not isinstance(teacher, int) or isinstance(teacher, bool):
+        return []
+    problems = []
+    for path, spec in _models(config):
+        size = spec.args.get("vocab_size")
+        if path == "teacher" or not isinstance(size, int) or isinstance(size, bool):
+            continue
+        if size != teacher and not is_padding(min(size, teacher), max(size, teacher)):
+            problems.append(
+                f"{path}.args.vocab_size: {size}, and teacher.args.vocab_size is {teacher}: not "
+                "one vocabulary, nor one padded to a multiple of a power of two (e.g. 50257 -> "
+                "50304); distillation needs the teacher's tokenizer"
+            )
+    return problems
+
+
 def _models(config: Config) -> Iterator[tuple[str, ModelConfig]]:
     if config.teacher is not None:
         yield "teacher", config.teacher
@@ -109,7 +131,7 @@ def causal_lm_checkpoint_problems(spec: ModelConfig, path: str) -> list[str]:
     folder holding weights, or (without ``args.model_type``) a ``save_pretrained`` folder."""
     import os
 
-    from ..llm.models import WEIGHT_FILES
+    from ..llm.models import WEIGHT_FILES, check_safetensors_folder
 
     checkpoint = spec.checkpoint
     where = os.path.abspath(checkpoint)
@@ -119,6 +141,10 @@ def causal_lm_checkpoint_problems(spec: ModelConfig, path: str) -> list[str]:
         return [f"{path}.checkpoint: no file or folder {checkpoint!r} (looked for {where})"]
     if spec.name == "hf_causal_lm" and "model_type" not in spec.args:
         if os.path.isfile(os.path.join(checkpoint, "config.json")):
+            try:  # safetensors weights only: a pytorch_model.bin is a pickle, never loaded
+                check_safetensors_folder(checkpoint, f"{path}.checkpoint")
+            except ValueError as error:
+                return [str(error)]
             return []
         return [
             f"{path}.checkpoint: the folder {where} has no config.json (not a save_pretrained "

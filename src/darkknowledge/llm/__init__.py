@@ -5,6 +5,8 @@
 - :class:`CausalLMTask`: the :class:`darkknowledge.Distiller` task, on the fused loss.
 - :class:`CachedCausalLMTask`: the same from a teacher cache (``dk.cache``), on the sparse loss.
 - :class:`PaddingCollator`: ragged examples -> one padded batch (left or right).
+- :func:`shared_vocab_size`: the vocabulary teacher and student share (padding rows cut, a
+  tokenizer mismatch refused).
 """
 
 from .cached_task import CachedCausalLMTask
@@ -18,6 +20,7 @@ from .heads import (
 )
 from .labels import shift_labels
 from .task import CausalLMTask
+from .vocab import shared_vocab_size
 
 __all__ = [
     "CachedCausalLMTask",
@@ -28,5 +31,6 @@ __all__ = [
     "logit_transform",
     "logits_from_hidden",
     "output_layer",
+    "shared_vocab_size",
     "shift_labels",
 ]

@@ -30,6 +30,7 @@ import torch
 
 from .._files import save_figure, write_json
 from .data import VOCAB_SIZE, RandomWindows, sequential_windows, stdlib_corpus
+from .models import check_safetensors_folder
 from .task import CausalLMTask
 
 
@@ -190,7 +191,8 @@ def _teacher(
     path = cache_dir / f"llm-demo-teacher-{key}"
     if (path / "meta.json").is_file():
         say(f"teacher: loaded from the cache {path}")
-        teacher = transformers.GPT2LMHeadModel.from_pretrained(path)
+        check_safetensors_folder(path, f"the cached teacher {path}")  # never a pickle
+        teacher = transformers.GPT2LMHeadModel.from_pretrained(path, use_safetensors=True)
         meta = json.loads((path / "meta.json").read_text())
         return teacher, {
             **meta,

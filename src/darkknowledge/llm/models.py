@@ -28,6 +28,8 @@ from torch import nn
 BUILTIN_LLM_MODELS = ("hf_causal_lm",)
 # Inside a folder given as a checkpoint: a dk export, a dk training checkpoint.
 WEIGHT_FILES = ("model.safetensors", "student.safetensors")
+# What from_pretrained(use_safetensors=True) reads in a save_pretrained folder.
+SAFETENSORS_NAMES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def build_causal_lm(
@@ -78,9 +80,10 @@ def _hf_causal_lm(
                 f"{what}.checkpoint: the folder {checkpoint!r} has no config.json; give "
                 "args.model_type and its sizes to build the model, or a save_pretrained folder"
             )
+        check_safetensors_folder(checkpoint, f"{what}.checkpoint")
         try:
             return transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoint, local_files_only=True, **args
+                checkpoint, local_files_only=True, use_safetensors=True, **args
             )
         except (OSError, ValueError, TypeError) as error:
             raise ValueError(f"{what}.checkpoint {checkpoint!r}: {_first_line(error)}") from None
@@ -150,7 +153,26 @@ def weights_in(path: str, what: str = "model") -> str:
             return candidate
     raise FileNotFoundError(
         f"{what}.checkpoint: the folder {path!r} holds neither {' nor '.join(WEIGHT_FILES)}"
+        f"{pickle_note(path)}"
     )
+
+
+def check_safetensors_folder(folder: str | os.PathLike, what: str = "checkpoint") -> None:
+    """Refuse a ``save_pretrained`` folder without safetensors weights: its
+    ``pytorch_model.bin`` would be unpickled, which can run code, so it is never loaded."""
+    if any(os.path.isfile(os.path.join(folder, name)) for name in SAFETENSORS_NAMES):
+        return
+    raise ValueError(
+        f"{what}: the folder {str(folder)!r} has no {' nor '.join(SAFETENSORS_NAMES)}"
+        f"{pickle_note(folder)}; save the model with save_pretrained(safe_serialization=True)"
+    )
+
+
+def pickle_note(folder: str | os.PathLike) -> str:
+    """``" (it holds pytorch_model.bin: pickle files, never loaded)"``, or ``""``: why a
+    folder's weights are refused when they are there, but as pickles."""
+    pickles = sorted(name for name in os.listdir(folder) if name.endswith((".bin", ".pt", ".pth")))
+    return f" (it holds {', '.join(pickles)}: pickle files, never loaded)" if pickles else ""
 
 
 def _tied_to_loaded(model: nn.Module, loaded: set[str]) -> set[str]:

@@ -23,6 +23,7 @@ from ..losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_kd_loss
 from ..train.task import TaskOutput
 from .heads import OutputLayer, last_hidden_states, logits_from_hidden, output_layer
 from .labels import shift_labels
+from .vocab import shared_vocab_size
 
 # Options of DistillationLoss that the fused loss understands; anything else is refused.
 _FUSED_OPTIONS = ("divergence", "beta", "lam", "soft_scale", "ignore_index")
@@ -40,7 +41,9 @@ class CausalLMTask:
         chunk_size: positions per chunk of the fused loss (memory ~ chunk_size × vocab).
         ignore_index: label value of positions that do not count.
         vocab_size: the shared vocabulary when the two output layers differ only by padding
-            rows (both are cut to it); None when they have the same size.
+            rows (both are cut to it); None: inferred from the two output layers, which must
+            have one size or one padded to a multiple of a power of two (a real tokenizer
+            mismatch is refused), see :func:`darkknowledge.llm.vocab.shared_vocab_size`.
     """
 
     def __init__(
@@ -117,7 +120,7 @@ class CausalLMTask:
             teacher_outputs.layer.weight.to(hidden.device),
             labels,
             chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
+            vocab_size=self.shared_vocab(layer, teacher_outputs.layer),
             student_bias=layer.bias,
             teacher_bias=_to(teacher_outputs.layer.bias, hidden.device),
             normalizer=normalizer,
@@ -131,6 +134,13 @@ class CausalLMTask:
         if isinstance(temperature, torch.Tensor):
             temperature = float(temperature.detach())
         return TaskOutput(loss, None, None, temperature)
+
+    def shared_vocab(self, student_layer: OutputLayer, teacher_layer: OutputLayer) -> int | None:
+        """``vocab_size``, or the padding-only difference of the two layers cut (no host sync:
+        shapes only)."""
+        return shared_vocab_size(
+            student_layer.weight.shape[0], teacher_layer.weight.shape[0], vocab_size=self.vocab_size
+        )
 
     def _loss_options(self, loss_fn: Any, step: int) -> dict[str, Any]:
         unsupported = sorted(set(loss_fn.kd_options) - set(_FUSED_OPTIONS))

@@ -138,6 +138,8 @@ def kd_loss(
     _checks.check_logits_pair(student_logits, teacher_logits)
     _checks.check_divergence_name(divergence)
     temperature = _checks.temperature_for(temperature, student_logits.shape[:-1])
+    if isinstance(temperature, torch.Tensor):  # T and T^2 in the loss's precision, not bf16's
+        temperature = temperature.to(compute_dtype(student_logits.dtype))
     _checks.check_unit_interval(alpha, "alpha")
     _checks.check_unit_interval(beta, "beta")
     _checks.check_unit_interval(lam, "lam", closed_right=False)

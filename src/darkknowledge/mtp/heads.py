@@ -22,6 +22,7 @@ The heads own no copy of the embedding or the output layer: they are given at ea
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -353,13 +354,31 @@ def save_heads(heads: MTPHeads, path: str) -> None:
 def load_heads(
     path: str, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> MTPHeads:
-    """Heads saved by :func:`save_heads`, rebuilt from their spec, on ``device`` in ``dtype``."""
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if SPEC_KEY not in metadata:
-        raise ValueError(f"{path} holds no MTP heads (no {SPEC_KEY!r} metadata)")
-    heads = heads_from_spec(json.loads(metadata[SPEC_KEY]))
-    heads.load_state_dict(load_file(str(path)))
+    """Heads saved by :func:`save_heads`, rebuilt from their spec, on ``device`` in ``dtype``.
+    Anything else (a missing file, a folder, a pickle, a damaged file, other tensors) is a
+    ``FileNotFoundError`` or ``ValueError`` naming ``path``; nothing is ever unpickled."""
+    if not os.path.isfile(path):
+        kind = "is a folder, not a file" if os.path.isdir(path) else "does not exist"
+        raise FileNotFoundError(f"MTP heads file {str(path)!r} {kind}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if SPEC_KEY not in metadata:
+            raise ValueError(f"{path} holds no MTP heads (no {SPEC_KEY!r} metadata)")
+        try:
+            spec = json.loads(metadata[SPEC_KEY])
+        except json.JSONDecodeError:
+            raise ValueError(f"{path} has unreadable MTP heads metadata ({SPEC_KEY!r})") from None
+        heads = heads_from_spec(spec)
+        heads.load_state_dict(load_file(str(path)))
+    except ValueError:
+        raise
+    except Exception as error:  # SafetensorError, or load_state_dict's RuntimeError
+        detail = str(error).strip().splitlines()
+        raise ValueError(
+            f"{path} is not an MTP heads file written by save_heads: "
+            f"{detail[-1].strip() if detail else type(error).__name__}"
+        ) from None
     return heads.to(device=device, dtype=dtype)
 
 

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from accelerate import DistributedType
 
+from .dcp_metadata import check_metadata
+
 MIN_TORCH, MIN_ACCELERATE = "2.6", "1.6"
 SHARDED = "sharded"  # the checkpoint sub-folder of torch.distributed.checkpoint's files
 _LAUNCH = "accelerate launch --use_fsdp --fsdp_version 2"
@@ -179,6 +181,7 @@ def load_sharded(
         set_optimizer_state_dict,
     )
 
+    check_metadata(folder)  # DCP unpickles .metadata: vet it first (it could run code)
     inner = _inner(optimizer)
     state = {"model": get_model_state_dict(student)}  # the shards to fill, in place
     if with_optimizer:
