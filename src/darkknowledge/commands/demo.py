@@ -26,6 +26,10 @@ CHOICES: dict[str, tuple[str, str]] = {
         "darkknowledge.llm.rlhf",
         "GRPO on the llm demo's model, with and without a KL penalty to the reference",
     ),
+    "speculative": (
+        "darkknowledge.commands.demo_speculative",
+        "speculative decoding of the llm demo's teacher: data-trained vs distilled drafts, MTP heads",
+    ),
 }
 DEFAULT = next(iter(CHOICES))
 

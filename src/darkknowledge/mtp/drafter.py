@@ -26,7 +26,7 @@ from torch import nn
 from ..llm.heads import logits_from_hidden
 from ..speculative import Draft, GenerationOutput, generate
 from ..speculative.acceptance import acceptance_rate
-from ..speculative.verify import Sampler
+from ..speculative.verify import Sampler, check_sampling
 from .loss import depth_labels
 from .student import as_mtp_student
 
@@ -117,13 +117,15 @@ def depth_acceptance_rates(
     *,
     attention_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
+    greedy: bool = False,
     chunk_size: int = 256,
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """``(D,)`` the offline acceptance rate of each depth on held-out text, without decoding.
 
     Depth ``k``'s draft at row ``i``, ``q^k_i``, is verified against the target's distribution at
-    position ``i + k``, ``p_{i+k}`` (both at ``temperature``); its expected acceptance is
+    position ``i + k``, ``p_{i+k}`` (both at ``temperature``, or with ``greedy`` the one-hot
+    argmax: the rate is then how often the two argmaxes agree); its expected acceptance is
     ``Σ_x min(p, q) = 1 − TVD`` (:func:`darkknowledge.speculative.acceptance_rate`), averaged over
     the rows that count at depth ``k`` (``labels`` shifted, as in the loss). Sequential modules
     read the text's tokens (teacher forcing): the draft's own tokens are the text's whenever
@@ -131,6 +133,8 @@ def depth_acceptance_rates(
     rows at a time.
     """
     inner = as_mtp_student(student)
+    check_sampling(temperature, greedy, None)
+    sampler = Sampler(float(temperature), greedy)
     layer = inner.output_layer()
     output = student(input_ids=input_ids, attention_mask=attention_mask)
     length = output.hidden.shape[1]
@@ -143,8 +147,8 @@ def depth_acceptance_rates(
         total = torch.zeros((), dtype=torch.float64, device=draft.device)
         for start in range(0, draft.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
-            q = torch.softmax(logits_from_hidden(draft[chunk], layer).float() / temperature, -1)
-            p = torch.softmax(logits_from_hidden(target[chunk], layer).float() / temperature, -1)
+            q = sampler.probs(logits_from_hidden(draft[chunk], layer))
+            p = sampler.probs(logits_from_hidden(target[chunk], layer))
             total += acceptance_rate(p, q, reduction="sum").double()
         rates.append(total / max(draft.shape[0], 1))
     return torch.stack(rates).float()

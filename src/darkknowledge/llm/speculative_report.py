@@ -1,0 +1,106 @@
+"""The speculative demo's table and plot (:mod:`darkknowledge.llm.speculative_demo`)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .._files import save_figure
+
+LABELS = {
+    "data": "(a) draft, data alone",
+    "tvd": "(b) draft, distilled: TVD",
+    "forward_kl": "(b) draft, distilled: forward KL",
+    "reverse_kl": "(b) draft, distilled: reverse KL",
+    "jsd": "(b) draft, distilled: JSD",
+    "mtp_labels": "(c) MTP heads, labels alone",
+    "mtp_distilled": "(c) MTP heads, distilled",
+}
+
+
+def label(name: str) -> str:
+    return LABELS.get(name, name)
+
+
+def format_tables(report: dict[str, Any]) -> str:
+    """One row per draft: acceptance offline and in decoding, tokens per target call, the
+    cost ratio, the measured speed-up and the predicted ones; then the setting."""
+    header = (
+        "draft", "params", "α offline", "α decoding", "tok/call", "c",
+        "speed-up", "predicted (α offline)", "predicted (α decoding)",
+    )  # fmt: skip
+    rows = [header]
+    for name, row in report["rows"].items():
+        rows.append(
+            (
+                label(name),
+                f"{row['parameters']:,}",
+                f"{row['alpha_offline_samples']:.3f}",
+                f"{row['acceptance_rate']:.3f}",
+                f"{row['tokens_per_target_call']:.2f}",
+                f"{row['cost_ratio']:.3f}",
+                f"{row['speedup']:.2f}",
+                f"{row['predicted_speedup_offline']:.2f}",
+                f"{row['predicted_speedup_measured']:.2f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    recipe = report["recipe"]
+    mode = "greedy" if recipe["greedy"] else f"sampling at T = {recipe['temperature']:g}"
+    loads = [row.get("load_average") for row in report["rows"].values()]
+    loads = [value for pair in loads if pair for value in pair]
+    load = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f}" if loads else ""
+    lines.append(
+        f"gamma {recipe['gamma']} (MTP: min(gamma, {recipe['mtp_depths']} depths)), {mode}, "
+        f"{recipe['prompts']} held-out prompts of {recipe['prompt_length']} bytes + "
+        f"{recipe['max_new_tokens']} new, median of {recipe['repeats']} repeats, "
+        f"{report['threads']} threads{load}"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: Path) -> None:
+    """Acceptance (offline, decoding) and speed-up (measured, predicted) per draft."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["rows"])
+    rows = [report["rows"][n] for n in names]
+    positions = range(len(names))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.38
+    left.bar([p - width / 2 for p in positions], [r["alpha_offline_samples"] for r in rows],
+             width, label="offline (held-out target samples)")  # fmt: skip
+    left.bar([p + width / 2 for p in positions], [_finite(r["acceptance_rate"]) for r in rows],
+             width, label="in decoding")  # fmt: skip
+    left.set_ylabel("acceptance rate")
+    left.set_ylim(0, 1)
+    right.bar([p - width / 2 for p in positions], [r["speedup"] for r in rows], width,
+              label="measured")  # fmt: skip
+    right.bar([p + width / 2 for p in positions], [r["predicted_speedup_offline"] for r in rows],
+              width, label="predicted (α offline, measured c)")  # fmt: skip
+    right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    right.set_ylabel("speed-up over plain decoding")
+    for axes in (left, right):
+        axes.set_xticks(list(positions))
+        axes.set_xticklabels([label(n).replace(", ", "\n") for n in names], fontsize=7)
+        axes.legend(fontsize=8)
+    figure.suptitle("dk demo speculative: the llm demo's teacher as the target")
+    figure.tight_layout()
+    save_figure(figure, path, format="png", dpi=120)
+    plt.close(figure)
+
+
+def _finite(value: float) -> float:
+    return 0.0 if value is None or math.isnan(value) else value
