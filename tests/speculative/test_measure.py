@@ -44,6 +44,7 @@ def test_measure_speedup_sums_real_decodings():
     assert result.rejected_tokens == sum(run.rejected_tokens for run in runs)
     assert result.position_rates == position_rates(runs, 3)
     assert result.plain_seconds > 0 and result.speculative_seconds > 0 and result.cost_ratio > 0
+    assert result.verification_cost > 0
     assert result.speedup == result.plain_seconds / result.speculative_seconds
     assert result.as_dict()["tokens_per_target_call"] == 18 / result.target_calls
 
@@ -52,7 +53,7 @@ def test_predicted_speedup_is_leviathan_formula_and_its_per_position_form():
     measured = SpeedupMeasurement(
         gamma=3, prompts=1, repeats=1, new_tokens=10, target_calls=4, proposed_tokens=9,
         accepted_tokens=6, rejected_tokens=2, plain_seconds=1.0, speculative_seconds=0.5,
-        cost_ratio=0.2,
+        cost_ratio=0.2, verification_cost=1.3,
     )  # fmt: skip
     assert measured.predicted_speedup() == expected_speedup(0.75, 3, 0.2)
     assert measured.predicted_speedup([0.6, 0.6, 0.6]) == pytest.approx(
@@ -60,6 +61,12 @@ def test_predicted_speedup_is_leviathan_formula_and_its_per_position_form():
     )
     # 1 + 0.9 + 0.9 * 0.5 + 0.9 * 0.5 * 0.2 tokens over 1 + 3 * 0.2
     assert measured.predicted_speedup([0.9, 0.5, 0.2]) == pytest.approx(2.44 / 1.6)
+    # v = 1.3 in place of the 1: the target's verification call costs 1.3 plain steps
+    tokens = (1 - 0.75**4) / 0.25
+    assert measured.predicted_speedup(verification_cost=True) == pytest.approx(tokens / 1.9)
+    assert measured.predicted_speedup([0.9, 0.5, 0.2], verification_cost=True) == pytest.approx(
+        2.44 / 1.9
+    )
 
 
 def test_measure_speedup_refuses_bad_input():

@@ -256,8 +256,8 @@ def _row(measured, alpha_samples: float, alpha_text: float, depth_rates) -> dict
         "alpha_offline_text": alpha_text,
         "depth_rates_offline": depth_rates,
         "predicted_speedup_offline": predicted_offline,
-        "predicted_speedup_measured": measured.predicted_speedup(
-            measured.position_rates if depth_rates else None
+        "predicted_speedup_offline_with_verification": measured.predicted_speedup(
+            depth_rates or alpha_samples, verification_cost=True
         ),
     }
 
@@ -266,7 +266,9 @@ def _summary(name: str, row: dict[str, Any]) -> str:
     return (
         f"{name}: acceptance {row['acceptance_rate']:.3f} in decoding, "
         f"{row['alpha_offline_samples']:.3f} offline; speed-up {row['speedup']:.2f} measured, "
-        f"{row['predicted_speedup_offline']:.2f} predicted (c = {row['cost_ratio']:.3f})"
+        f"{row['predicted_speedup_offline']:.2f} predicted (c = {row['cost_ratio']:.3f}), "
+        f"{row['predicted_speedup_offline_with_verification']:.2f} with the verification cost "
+        f"(v = {row['verification_cost']:.2f})"
     )
 
 

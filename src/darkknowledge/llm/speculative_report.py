@@ -27,8 +27,8 @@ def format_tables(report: dict[str, Any]) -> str:
     """One row per draft: acceptance offline and in decoding, tokens per target call, the
     cost ratio, the measured speed-up and the predicted ones; then the setting."""
     header = (
-        "draft", "params", "α offline", "α decoding", "tok/call", "c",
-        "speed-up", "predicted (α offline)", "predicted (α decoding)",
+        "draft", "params", "α offline", "α decoding", "tok/call", "c", "v",
+        "speed-up", "predicted", "predicted with v",
     )  # fmt: skip
     rows = [header]
     for name, row in report["rows"].items():
@@ -40,9 +40,10 @@ def format_tables(report: dict[str, Any]) -> str:
                 f"{row['acceptance_rate']:.3f}",
                 f"{row['tokens_per_target_call']:.2f}",
                 f"{row['cost_ratio']:.3f}",
+                f"{row['verification_cost']:.2f}",
                 f"{row['speedup']:.2f}",
                 f"{row['predicted_speedup_offline']:.2f}",
-                f"{row['predicted_speedup_measured']:.2f}",
+                f"{row['predicted_speedup_offline_with_verification']:.2f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -59,6 +60,12 @@ def format_tables(report: dict[str, Any]) -> str:
     loads = [row.get("load_average") for row in report["rows"].values()]
     loads = [value for pair in loads if pair for value in pair]
     load = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f}" if loads else ""
+    lines.append(
+        "α offline: on held-out target samples, without decoding (MTP: the mean of the depths); "
+        "c: draft step / plain step; v: verification round outside the draft / plain step; "
+        "predicted: expected_speedup(α offline, gamma, c) (MTP: per-depth rates); with v: v in "
+        "place of its 1"
+    )
     lines.append(
         f"gamma {recipe['gamma']} (MTP: min(gamma, {recipe['mtp_depths']} depths)), {mode}, "
         f"{recipe['prompts']} held-out prompts of {recipe['prompt_length']} bytes + "

@@ -14,6 +14,13 @@ derives what the formula of Leviathan et al. needs:
 and predicts ``expected_speedup(alpha, gamma, c)``; with position rates
 ``(1 + a_1 + a_1 a_2 + ... + a_1 ⋯ a_gamma) / (gamma · c + 1)`` (the same formula when every
 ``a_k = alpha``; MTP heads have one rate per depth).
+
+The ``1`` in that denominator is Leviathan et al.'s assumption that a target call on
+``gamma + 1`` tokens costs as much as one plain decoding step. Where it fails (on a CPU a
+4-token call of a small model costs about 1.3 plain steps, and verification and cache
+cropping add a little), ``verification_cost`` ``v`` measures it: a round's time outside the
+drafter over plain decoding's time per token, and ``predicted_speedup(...,
+verification_cost=True)`` puts ``v`` in place of the ``1``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class SpeedupMeasurement:
     plain_seconds: float
     speculative_seconds: float
     cost_ratio: float
+    verification_cost: float = 1.0
     position_rates: list[float] = field(default_factory=list)
     load_average: tuple[float, float] | None = None  # 1-minute load before and after
 
@@ -66,17 +74,28 @@ class SpeedupMeasurement:
         """Measured: plain decoding's wall time over speculative decoding's."""
         return self.plain_seconds / self.speculative_seconds
 
-    def predicted_speedup(self, alpha: float | Sequence[float] | None = None) -> float:
+    def predicted_speedup(
+        self, alpha: float | Sequence[float] | None = None, *, verification_cost: bool = False
+    ) -> float:
         """``expected_speedup(alpha, gamma, c)`` with the measured ``c``; ``alpha`` a float (the
-        default: the measured acceptance rate) or one rate per draft position."""
+        default: the measured acceptance rate) or one rate per draft position. With
+        ``verification_cost`` the measured ``v`` replaces the ``1`` of the denominator."""
         alpha = self.acceptance_rate if alpha is None else alpha
         if isinstance(alpha, int | float):
-            return expected_speedup(float(alpha), self.gamma, self.cost_ratio)
-        tokens, reached = 1.0, 1.0
-        for rate in list(alpha)[: self.gamma]:
-            reached *= float(rate)
-            tokens += reached
-        return tokens / (self.gamma * self.cost_ratio + 1.0)
+            speedup = expected_speedup(float(alpha), self.gamma, self.cost_ratio)
+        else:
+            tokens, reached = 1.0, 1.0
+            for rate in list(alpha)[: self.gamma]:
+                reached *= float(rate)
+                tokens += reached
+            speedup = tokens / (self.gamma * self.cost_ratio + 1.0)
+        if not verification_cost:
+            return speedup
+        return (
+            speedup
+            * (self.gamma * self.cost_ratio + 1.0)
+            / (self.gamma * self.cost_ratio + self.verification_cost)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -85,6 +104,7 @@ class SpeedupMeasurement:
             "tokens_per_target_call": self.tokens_per_target_call,
             "speedup": self.speedup,
             "predicted_speedup": self.predicted_speedup(),
+            "predicted_speedup_with_verification": self.predicted_speedup(verification_cost=True),
         }
 
 
@@ -129,7 +149,7 @@ def measure_speedup(
 
     plain(0), speculative(0)  # warm-up: first calls allocate and fill caches
     load_before = _load()
-    plain_times, speculative_times, ratios = [], [], []
+    plain_times, speculative_times, ratios, verifications = [], [], [], []
     for _ in range(repeats):
         plain_runs, speculative_runs = [], []
         for index in range(len(prompts)):  # interleaved: a load change hits both
@@ -139,9 +159,13 @@ def measure_speedup(
         plain_tokens = sum(run.new_tokens for run in plain_runs)
         draft_time = sum(run.draft_time_s for run in speculative_runs)
         proposed = sum(run.proposed_tokens for run in speculative_runs)
+        speculative_time = sum(run.wall_time_s for run in speculative_runs)
+        rounds = sum(run.rounds for run in speculative_runs)
+        plain_step = plain_time / max(plain_tokens, 1)
         plain_times.append(plain_time)
-        speculative_times.append(sum(run.wall_time_s for run in speculative_runs))
-        ratios.append((draft_time / max(proposed, 1)) / (plain_time / max(plain_tokens, 1)))
+        speculative_times.append(speculative_time)
+        ratios.append((draft_time / max(proposed, 1)) / plain_step)
+        verifications.append(((speculative_time - draft_time) / max(rounds, 1)) / plain_step)
     load_after = _load()
     return SpeedupMeasurement(
         gamma=gamma,
@@ -155,6 +179,7 @@ def measure_speedup(
         plain_seconds=statistics.median(plain_times),
         speculative_seconds=statistics.median(speculative_times),
         cost_ratio=statistics.median(ratios),
+        verification_cost=statistics.median(verifications),
         position_rates=position_rates(speculative_runs, gamma),
         load_average=None if load_before is None else (load_before, load_after),
     )
