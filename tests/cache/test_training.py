@@ -123,9 +123,9 @@ def test_cached_training_sampled_cache_moves_the_student_to_the_teacher(tmp_path
     assert distilled_kl < _kl_to_teacher(baseline, live_teacher)
 
 
-@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize(("padding_side", "in_memory"), [("right", False), ("left", True)])
 def test_cached_loader_shuffled_batches_carry_each_sequences_own_targets(
-    tmp_path, live_teacher, padding_side
+    tmp_path, live_teacher, padding_side, in_memory
 ):
     """Two shuffled epochs through worker processes, over the captured examples in another
     order (so neither the loop's step nor the dataset index finds them): every row's targets
@@ -135,6 +135,7 @@ def test_cached_loader_shuffled_batches_carry_each_sequences_own_targets(
     data = dataset()
     for example in data:  # the batch's attention mask then marks exactly the real tokens
         example["attention_mask"] = [1] * len(example["input_ids"])
+    data[1:1] = [dict(data[0]), dict(data[2])]  # repeated samples: by id, and by content
     dk.cache.write_teacher_cache(live_teacher, data, folder, k=5, progress=False)
     data = data[1::2] + data[::2]  # the same examples, another order
     by_tokens = {tuple(torch.as_tensor(e["input_ids"]).tolist()): e for e in data}
@@ -142,7 +143,9 @@ def test_cached_loader_shuffled_batches_carry_each_sequences_own_targets(
     loader = dk.cache.cached_loader(
         data, folder, batch_size=3, shuffle=True, num_workers=2, collate_fn=collate,
         check_dataset=False,  # the order differs from the capture's, so the fingerprint does
+        in_memory=in_memory,  # entries read at the start, or through the memory map
     )  # fmt: skip
+    assert loader.dataset.in_memory is in_memory
     orders = []
     for epoch in range(2):
         torch.manual_seed(epoch)  # the DataLoader's shuffle seed

@@ -47,23 +47,22 @@ def test_cached_loader_refuses_a_cache_of_another_dataset(cache_folder):
         _loader(cache_folder, other)
 
 
+@pytest.mark.parametrize("in_memory", [True, False])
 def test_cached_targets_refuse_unknown_or_changed_examples_without_the_dataset_check(
-    cache_folder,
+    cache_folder, in_memory
 ):
     """check_dataset=False still checks every lookup: by key, then by content hash."""
     data = dataset()
     changed = dict(data[0], input_ids=torch.as_tensor(data[0]["input_ids"]).flip(0))
-    targets = dk.cache.CachedTargets(
-        [changed], dk.cache.TeacherCache(cache_folder), check_dataset=False
-    )
-    with pytest.raises(ValueError, match=r"dataset\[0\] \(key '0'\) holds other tokens"):
-        targets[0]
     unknown = {"input_ids": torch.tensor([1, 2, 3]), "attention_mask": torch.ones(3)}
     targets = dk.cache.CachedTargets(
-        [unknown], dk.cache.TeacherCache(cache_folder), check_dataset=False
-    )
-    with pytest.raises(KeyError, match=r"key 'sha256:[0-9a-f]{64}'\) is not in the teacher cache"):
+        [changed, unknown], dk.cache.TeacherCache(cache_folder), check_dataset=False,
+        in_memory=in_memory,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"dataset\[0\] \(key '0'\) holds other tokens"):
         targets[0]
+    with pytest.raises(KeyError, match=r"key 'sha256:[0-9a-f]{64}'\) is not in the teacher cache"):
+        targets[1]
 
 
 def test_cached_training_refuses_a_cache_captured_at_another_temperature(tmp_path):

