@@ -93,6 +93,14 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
     return accelerator
 
 
+def accelerator_for(given: Accelerator | None, mixed_precision: str) -> Accelerator:
+    """``given``, checked (see :func:`check_accelerator`), or a new one (:func:`make_accelerator`)."""
+    if given is None:
+        return make_accelerator(mixed_precision)
+    check_accelerator(given, mixed_precision)
+    return given
+
+
 def check_accelerator(accelerator: Accelerator, mixed_precision: str | None = None) -> None:
     """Refuse an Accelerator the Distiller cannot train with correctly. ``mixed_precision``:
     the Distiller's argument, checked against a given Accelerator's own setting."""

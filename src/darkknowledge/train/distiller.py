@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..losses import DistillationLoss
 from ..schedules import value_at
-from ._accelerate import check_accelerator, make_accelerator, plain_steps, step_optimizer
+from ._accelerate import accelerator_for, plain_steps, step_optimizer
 from .data import DataStream
 from .distributed import explain_timeouts, global_count_and_stop, reduce_sum, step_normalizer
 from .evaluation import evaluate_task
@@ -117,11 +117,7 @@ class Distiller:
         self.alpha = 0.0 if teacher is None else alpha  # no teacher: labels only, the baseline
 
         set_seed(seed)  # python, numpy, torch, CUDA; also the seed of the data sampler below
-        if accelerator is None:
-            accelerator = make_accelerator(mixed_precision)  # FSDP when accelerate launch asks
-        else:
-            check_accelerator(accelerator, mixed_precision)
-        self.accelerator = acc = accelerator
+        self.accelerator = acc = accelerator_for(accelerator, mixed_precision)  # FSDP: see .fsdp
         self.teacher = None
         if teacher is not None:
             self.teacher = freeze_teacher(teacher, teacher_dtype, teacher_device or acc.device)

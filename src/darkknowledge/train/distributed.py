@@ -73,7 +73,7 @@ def explain_timeouts(method: Method) -> Method:
             raise
         except RuntimeError as error:
             acc = self.accelerator
-            if acc.num_processes == 1 or "timed out" not in str(error).lower():
+            if acc.num_processes == 1 or "Timed out waiting" not in str(error):  # gloo's words
                 raise
             raise CollectiveTimeout(
                 f"Distiller.{method.__name__} on process {acc.process_index} of "

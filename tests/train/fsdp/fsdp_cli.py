@@ -15,7 +15,7 @@ import sys
 import fsdp_worker  # also puts tests/train on sys.path
 import torch
 
-import darkknowledge.train.distiller as distiller_module
+import darkknowledge.train._accelerate as accelerate_module
 from darkknowledge.cli import main
 
 TIMEOUT_S = 60.0
@@ -27,7 +27,7 @@ def _test_accelerator(mixed_precision: str):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    distiller_module.make_accelerator = _test_accelerator  # the test-only seam, see above
+    accelerate_module.make_accelerator = _test_accelerator  # the test-only seam, see above
     code = main(sys.argv[1:])
     fsdp_worker.end_processes()
     sys.exit(code)
