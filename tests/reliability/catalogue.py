@@ -125,7 +125,7 @@ def plant_pickle(path: str | Path, *, torch_save: bool = False) -> Path:
     if torch_save:
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload, protocol=4))
+        path.write_bytes(pickle.dumps(payload, protocol=2))  # torch.save's own protocol
     return path
 
 

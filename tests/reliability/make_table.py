@@ -10,9 +10,12 @@ else in the page is left as it is. ``test_reliability_doc.py`` runs the check.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -128,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     current = DOC.read_text(encoding="utf-8")
-    updated = render(current, blocks())
+    noise = io.StringIO()  # what the cases print (a Trainer's metrics, progress bars, warnings)
+    quiet = contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise)
+    with quiet[0], quiet[1], warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        updated = render(current, blocks())
     if args.check:
         if updated != current:
             print(f"{DOC} is stale: run python tests/reliability/make_table.py", file=sys.stderr)

@@ -124,6 +124,9 @@ def test_trust_source_has_no_unsafe_loader():
         assert not re.search(r"allow_pickle\s*=\s*True", text), name
         if re.search(r"import pickle|pickle\.loads?\(|Unpickler|import dill|import joblib", text):
             assert name in unpicklers, f"{name} unpickles"
+        # Code is imported from a model's or data set's name, or the on-policy sampler only.
+        for argument in re.findall(r"(?<!def )import_callable\(\s*([\w.]+)", text):
+            assert argument in ("name", "spec.name", "spec.sampler"), f"{name}: {argument}"
 
 
 def test_trust_dcp_metadata_check_passes_a_real_checkpoint(tmp_path):
