@@ -268,3 +268,17 @@ def test_cli_eval_accepts_a_checkpoint_folder_an_export_or_a_file(tmp_path, caps
     err = one_line_error(capsys, "eval")
     assert "holds neither model.safetensors nor student.safetensors" in err
     assert f"its latest checkpoint is {step}" in err
+
+
+def test_cli_options_and_overrides_in_any_order(tmp_path, capsys):
+    # `--resume` between the config and its overrides: argparse's plain parse_args would take
+    # the override for an unknown argument and exit 2.
+    path = write_config(
+        tmp_path, {**TINY, "train": {**TINY["train"], "output_dir": str(tmp_path / "run")}}
+    )
+    assert main(["distill", path, "train.max_steps=4"]) == 0
+    assert main(["distill", path, "--resume", "train.max_steps=6"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results[-1]["step"] == 6
+    assert main(["validate", path, "--for", "train", "train.max_steps=7"]) == 0
+    capsys.readouterr()

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         prog=f"dk {known.command}", description=COMMANDS[known.command][1]
     )
     module.add_arguments(sub)
-    args = sub.parse_args(argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
+    args = _parse(sub, argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
     try:
         with _user_code_folders(getattr(args, "config", None)):
             return int(module.run(args) or EXIT_OK)
@@ -101,6 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dk {known.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (``dk distill CONFIG --resume a=1``)."""
+    try:
+        return parser.parse_intermixed_args(arguments)
+    except TypeError:  # a parser with a REMAINDER (dk demo) takes its arguments in order
+        return parser.parse_args(arguments)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a multi-process run created: left to the interpreter's exit,
+    gloo sometimes aborts a finished process ("terminate called without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")  # never import torch just for this
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
