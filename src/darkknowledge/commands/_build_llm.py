@@ -104,6 +104,8 @@ class CausalLMParts:
             from ._cached import cached_task
 
             return cached_task(self.config)
+        if distill and self.config.distill.on_policy is not None:
+            return on_policy_task(self.config)
         return CausalLMTask()
 
     def eval_task(self) -> Any:
@@ -128,3 +130,26 @@ def lm_metrics(loss: float | None, prefix: str = "") -> dict[str, float]:
         f"{prefix}bits_per_token": loss / math.log(2),
         f"{prefix}perplexity": math.exp(min(loss, 700.0)),  # exp overflows a float past ~709
     }
+
+
+def on_policy_task(config: Config) -> Any:
+    """:class:`darkknowledge.llm.OnPolicyTask` from ``distill.on_policy`` (seeded by
+    ``train.seed``), its sampler built-in or named ``package.module:callable``."""
+    from ..llm.generation import GenerateSampler
+    from ..llm.on_policy import OnPolicyTask
+
+    spec = config.distill.on_policy
+    settings = {
+        "temperature": spec.sampling_temperature, "top_k": spec.top_k, "top_p": spec.top_p,
+        "eos_token_id": spec.eos_token_id,
+    }  # fmt: skip
+    if spec.sampler == "generate":
+        sampler = GenerateSampler(**settings, pad_token_id=config.data.pad_token_id)
+    else:
+        sampler = import_callable(spec.sampler, "distill.on_policy.sampler")(
+            **settings, **thaw(spec.sampler_args)
+        )
+    return OnPolicyTask(
+        fraction=spec.fraction, sampler=sampler, objective=spec.objective,
+        max_new_tokens=spec.max_new_tokens, seed=config.train.seed,
+    )  # fmt: skip

@@ -53,6 +53,9 @@ def check_environment(config: Config, *, command: str = "distill") -> list[str]:
             problems.append(f"{path}.checkpoint: no file {spec.checkpoint!r} (looked for {where})")
         problems.extend(_import_problem(spec.name, f"{path}.name"))
     problems.extend(_import_problem(config.data.name, "data.name"))
+    on_policy = config.distill.on_policy
+    if command == "distill" and on_policy is not None:
+        problems.extend(_import_problem(on_policy.sampler, "distill.on_policy.sampler"))
     return problems
 
 

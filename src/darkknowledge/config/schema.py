@@ -202,6 +202,59 @@ class LearnableTemperatureConfig:
 
 
 @dataclass(frozen=True)
+class OnPolicyConfig:
+    fraction: float = field_(
+        1.0,
+        number(at_least=0, at_most=1),
+        "GKD's lambda: the probability that a step's completions are sampled from the student "
+        "(from the data's prompts) instead of taken from the data (0: off-policy KD)",
+    )
+    sampling_temperature: float = field_(
+        1.0,
+        number(above=0),
+        "temperature of the student's samples, apart from the loss temperature distill.temperature",
+    )
+    top_k: int | None = field_(
+        None,
+        optional(integer(at_least=1)),
+        "sample from the k most likely tokens only (null: the full distribution; truncation "
+        "makes the samples off-policy)",
+    )
+    top_p: float | None = field_(
+        None,
+        optional(number(above=0, at_most=1)),
+        "sample from the nucleus of mass p only (null: the full distribution; off-policy too)",
+    )
+    max_new_tokens: int | None = field_(
+        None,
+        optional(integer(at_least=1)),
+        "tokens sampled per prompt (null: as many as the row's completion in the data has)",
+    )
+    eos_token_id: int | None = field_(
+        None,
+        optional(integer(at_least=0)),
+        "a sampled completion ends after this token (null: never, max_new_tokens always)",
+    )
+    objective: str = field_(
+        "divergence",
+        choice("divergence", "sampled_reverse_kl"),
+        'on sampled completions: "divergence" (distill.divergence through the fused loss) or '
+        '"sampled_reverse_kl" (the per-token estimate from the teacher\'s log-probability of '
+        "each sampled token; needs divergence: reverse_kl, used exactly on the data's steps)",
+    )
+    sampler: str = field_(
+        "generate",
+        builtin_or_reference("generate"),
+        'what samples: "generate" (Hugging Face generate with a KV cache) or '
+        '"package.module:callable" called with temperature, top_k, top_p, eos_token_id and '
+        "sampler_args, returning a darkknowledge.llm.Sampler (e.g. a vLLM engine)",
+    )
+    sampler_args: Mapping[str, Any] = field_(
+        EMPTY, mapping, "more keyword arguments for a package.module:callable sampler"
+    )
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     temperature: float | Mapping[str, Any] = field_(
         4.0, schedule_or_number(above=0), "softmax temperature T > 0: a float or a schedule mapping"
@@ -243,6 +296,12 @@ class DistillConfig:
         choice("skip", "distill"),
         'examples labelled -100: "skip" them, or "distill" on them: soft targets on every '
         "example, the hard term on the labelled ones, means over all (the transfer-set regime)",
+    )
+    on_policy: OnPolicyConfig | None = field_(
+        None,
+        section(OnPolicyConfig, optional=True),
+        "causal_lm: on-policy and mixed distillation (GKD): the student learns on its own "
+        "samples, scored by the teacher; no cross-entropy on them (docs/on-policy.md)",
     )
     tail: str = field_(
         "bucket",

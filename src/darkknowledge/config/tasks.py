@@ -18,7 +18,7 @@ def task_problems(config: Any) -> list[str]:
     if not isinstance(config, Config):
         return []
     if config.task == "causal_lm":
-        return _causal_lm_problems(config) + _cache_problems(config)
+        return _causal_lm_problems(config) + _cache_problems(config) + _on_policy_problems(config)
     problems = _cache_problems(config) + [
         f"{path}.name: {spec.name!r} is a causal language model; set task: causal_lm"
         for path, spec in _models(config)
@@ -26,6 +26,8 @@ def task_problems(config: Any) -> list[str]:
     ]
     if config.data.name == "stdlib_bytes":
         problems.append("data.name: stdlib_bytes is text for causal LMs; set task: causal_lm")
+    if config.distill.on_policy is not None:
+        problems.append("distill.on_policy: samples text from the student; set task: causal_lm")
     return problems
 
 
@@ -93,6 +95,37 @@ def _causal_lm_problems(config: Config) -> list[str]:
         problems.append(
             "distill.unlabelled: for classifiers; a causal LM's batch marks the tokens that count "
             "itself (labels -100, prompt_lengths, completion_mask)"
+        )
+    return problems
+
+
+def _on_policy_problems(config: Config) -> list[str]:
+    """On-policy distillation needs prompts to sample from, and its sampled reverse KL a
+    reverse-KL divergence at a fixed temperature."""
+    on_policy, distill, data = config.distill.on_policy, config.distill, config.data
+    if on_policy is None:
+        return []
+    problems = []
+    if data.name == "stdlib_bytes" and data.prompt_length == 0:
+        problems.append(
+            "data.prompt_length: distill.on_policy samples completions of prompts; set the "
+            "prompt's length in bytes (e.g. half of data.block_size)"
+        )
+    if on_policy.objective == "sampled_reverse_kl":
+        if distill.divergence != "reverse_kl":
+            problems.append(
+                "distill.divergence: distill.on_policy.objective sampled_reverse_kl estimates "
+                "reverse KL (and uses it exactly on the data's steps): set divergence: "
+                f"reverse_kl, got {distill.divergence!r}"
+            )
+        if distill.learnable_temperature is not None:
+            problems.append(
+                "distill.learnable_temperature: sampled_reverse_kl needs a fixed temperature"
+            )
+    if on_policy.sampler == "generate" and on_policy.sampler_args:
+        problems.append(
+            "distill.on_policy.sampler_args: for a package.module:callable sampler; the built-in "
+            "generate sampler takes the fields of distill.on_policy"
         )
     return problems
 

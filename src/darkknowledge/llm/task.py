@@ -113,7 +113,24 @@ class CausalLMTask:
         if loss_fn is None or teacher_outputs is None:
             return TaskOutput(self._hard_only(hidden, layer, labels, normalizer))
         options = self._loss_options(loss_fn, step)
-        loss = fused_linear_kd_loss(
+        loss = self.fused_kd(hidden, layer, teacher_outputs, labels, normalizer, options)
+        temperature = options["temperature"]
+        if isinstance(temperature, torch.Tensor):
+            temperature = float(temperature.detach())
+        return TaskOutput(loss, None, None, temperature)
+
+    def fused_kd(
+        self,
+        hidden: torch.Tensor,
+        layer: OutputLayer,
+        teacher_outputs: TeacherOutputs,
+        labels: torch.Tensor,
+        normalizer: Any,
+        options: dict[str, Any],
+    ) -> KDLoss:
+        """:func:`fused_linear_kd_loss` of the student's hidden states ``(B, T, H)`` and output
+        layer against the teacher's, with ``options`` (temperature, alpha, divergence, ...)."""
+        return fused_linear_kd_loss(
             hidden,
             layer.weight,
             teacher_outputs.hidden.to(hidden.device),
@@ -130,10 +147,6 @@ class CausalLMTask:
             teacher_softcap=teacher_outputs.layer.softcap,
             **options,
         )
-        temperature = options["temperature"]
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach())
-        return TaskOutput(loss, None, None, temperature)
 
     def shared_vocab(self, student_layer: OutputLayer, teacher_layer: OutputLayer) -> int | None:
         """``vocab_size``, or the padding-only difference of the two layers cut (no host sync:

@@ -201,7 +201,7 @@ class Distiller:
         acc, k, step = self.accelerator, self.grad_accum_steps, self.step
         log_now = (step + 1) % self.log_every == 0 or step + 1 == self.max_steps
         # All k micro-batches first: the normaliser needs the valid count of the whole update.
-        batches = [self.stream.next() for _ in range(k)]
+        batches = self._prepared([self.stream.next() for _ in range(k)], step)
         counts = torch.stack([_on(self.task.count_valid(b), acc.device) for b in batches])  # (k,)
         stopping = self._stops.signum is not None
         global_count, self._peers_stop = global_count_and_stop(acc, counts.sum(), stopping)
@@ -238,6 +238,15 @@ class Distiller:
 
     def _teacher_outputs(self, batch: Any) -> Any:
         return None if self.teacher is None else frozen_outputs(self.task, self.teacher, batch)
+
+    def _prepared(self, batches: list, step: int) -> list:
+        """The task's optional ``prepare_batch`` on each micro-batch, before the valid positions
+        are counted (on-policy distillation samples the completions from the student here)."""
+        prepare = getattr(self.task, "prepare_batch", None)
+        if prepare is None:
+            return batches
+        with self._autocast():  # sample with the precision the student trains in
+            return [prepare(self.student, batch, step=step) for batch in batches]
 
     def _after_step(self, pending: PendingRecord | None, bar: tqdm) -> None:
         # The record of the previous log step is logged now: its numbers were copied to the host

@@ -14,6 +14,9 @@ The protocol (also implemented by ``darkknowledge.llm.task.CausalLMTask``):
   autocast, so mixed precision reaches the loss as well as the model.
 - ``eval_sums(student, batch) -> dict[str, float]``: sums (``loss``, ``correct``, ``count``)
   that the Distiller adds up over batches and processes and turns into means.
+- optional ``prepare_batch(student, batch, *, step) -> batch``: called on each micro-batch of
+  a step before its valid positions are counted, under the accelerator's autocast (on-policy
+  distillation, :class:`darkknowledge.llm.OnPolicyTask`, samples completions there).
 """
 
 from __future__ import annotations

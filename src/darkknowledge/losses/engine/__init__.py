@@ -27,7 +27,8 @@ and bias gradients (:class:`HeadStudent`) or a logits gradient (:class:`LogitsSt
 :func:`run_fused_linear` does both for a student given as hidden states and an output layer.
 
 Objectives here: :class:`ForwardKL` (forward KL + cross-entropy in closed form, and the
-cross-entropy alone), :class:`SparseKD` (sparse teacher targets). ``kd_loss`` through autograd
+cross-entropy alone), :class:`SparseKD` (sparse teacher targets), :class:`SampledReverseKL`
+(reverse KL estimated from the student's samples; teacher side :class:`TokenLogProbs`). ``kd_loss`` through autograd
 is ``darkknowledge.losses.kd_chunks.AutogradKD`` (outside this package: it calls ``kd_loss``,
 which itself runs on this engine). docs/fused-loss.md, "Adding an objective", has an example.
 """
@@ -44,6 +45,7 @@ from .chunker import (
     sweep,
 )
 from .forward_kl import Buffers, ForwardKL, ForwardKLGradient
+from .sampled_kl import SampledReverseKL, TokenLogProb, TokenLogProbs
 from .sides import (
     Head,
     HeadRows,
@@ -74,10 +76,13 @@ __all__ = [
     "LogitsTeacher",
     "Objective",
     "ObjectiveFactory",
+    "SampledReverseKL",
     "SoftScale",
     "SparseKD",
     "SparseRows",
     "SparseTeacher",
+    "TokenLogProb",
+    "TokenLogProbs",
     "resolve_soft_scale",
     "run_chunks",
     "run_fused_linear",
