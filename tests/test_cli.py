@@ -282,3 +282,21 @@ def test_cli_options_and_overrides_in_any_order(tmp_path, capsys):
     assert results[-1]["step"] == 6
     assert main(["validate", path, "--for", "train", "train.max_steps=7"]) == 0
     capsys.readouterr()
+
+
+def test_cli_a_run_refused_before_training_does_not_block_the_folder(tmp_path, capsys):
+    run = tmp_path / "run"
+    bad = write_config(
+        tmp_path,
+        {
+            **TINY,
+            "student": {"name": "cli_helpers:no_such"},
+            "train": {**TINY["train"], "output_dir": str(run)},
+        },
+        "bad.yaml",
+    )
+    assert main(["distill", bad]) == 2  # refused when the model is built, after run.json
+    assert [p.name for p in run.iterdir()] == ["run.json"]
+    good = write_config(tmp_path, {**TINY, "train": {**TINY["train"], "output_dir": str(run)}})
+    assert main(["distill", good]) == 0  # not "train.output_dir ... is not empty"
+    capsys.readouterr()

@@ -46,7 +46,9 @@ def prepare(
                 "--resume` cannot continue it: choose another train.output_dir"
             )
         check_resumable(previous.get("config", {}), config, f"the run in {root}")
-    elif not resume and root.exists() and any(root.iterdir()):
+    elif not resume and root.exists() and any(p.name != RUN_FILE for p in root.iterdir()):
+        # A lone run.json is a run refused before it trained (bad model, FSDP on CPU, ...):
+        # nothing of it would be lost, so a fresh run may take the folder.
         shown = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())[:4])
         raise ValueError(
             f"train.output_dir {root} is not empty ({shown}); continue that run with --resume, "
