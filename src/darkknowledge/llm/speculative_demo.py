@@ -50,7 +50,7 @@ class SpeculativeRecipe:
     """Sizes and settings of one run (the teacher's are the llm demo's ``teacher`` recipe)."""
 
     draft_layers: int = 1
-    draft_width: int = 64
+    draft_width: int = 128
     draft_steps: int = 1000
     divergences: tuple[str, ...] = DIVERGENCES
     samples: int = 4096  # target samples to distil on (prompt: sample_prompt_length bytes)
@@ -77,11 +77,10 @@ QUICK = SpeculativeRecipe(
     prompt_length=8, repeats=1, teacher=llm_demo.QUICK,
 )  # fmt: skip
 
-# Settings that change what is trained (the rest only changes the measurement).
-_TRAINING_FIELDS = (
-    "draft_layers", "draft_width", "draft_steps", "samples", "sample_prompt_length",
-    "mtp_kind", "mtp_depths", "mtp_steps", "learning_rate", "seed",
-)  # fmt: skip
+# Settings that change what is trained, per kind of draft (the rest only changes the measurement).
+_SHARED_FIELDS = ("samples", "sample_prompt_length", "learning_rate", "seed")
+_DRAFT_FIELDS = ("draft_layers", "draft_width", "draft_steps", *_SHARED_FIELDS)
+_MTP_FIELDS = ("mtp_kind", "mtp_depths", "mtp_steps", *_SHARED_FIELDS)
 
 
 def run_speculative_demo(
@@ -150,7 +149,7 @@ def run_speculative_demo(
         )
         how = f"distilled ({divergence}) on target samples" if divergence else "data alone"
         seconds = store.load_or_train(
-            f"draft-{name}", draft, say, f"draft {name}: {how}",
+            f"draft-{name}", _DRAFT_FIELDS, draft, say, f"draft {name}: {how}",
             lambda model, d=divergence, data=data: _train(
                 model, target if d else None, text_batches(recipe.draft_steps) if data == "text"
                 else sample_batches(recipe.draft_steps), recipe, recipe.draft_steps,
@@ -167,7 +166,7 @@ def run_speculative_demo(
         )
         how = "distilled (forward_kl) on target samples" if distil else "labels of the text"
         seconds = store.load_or_train(
-            name, student.heads, say, f"MTP heads ({recipe.mtp_kind}, {recipe.mtp_depths}): {how}",
+            name, _MTP_FIELDS, student.heads, say, f"MTP heads ({recipe.mtp_kind}, {recipe.mtp_depths}): {how}",
             lambda heads, distil=distil, student=student: _train(
                 student, target if distil else None,
                 sample_batches(recipe.mtp_steps) if distil else text_batches(recipe.mtp_steps),
@@ -291,22 +290,27 @@ def _count(parameters) -> int:
 
 
 class _DraftStore:
-    """Trained drafts and heads as safetensors under ``cache_dir``, keyed by the recipe's
-    training fields, the teacher and the corpus."""
+    """Trained drafts and heads as safetensors under ``cache_dir``, in a folder keyed by the
+    recipe's fields that determine them, the teacher and the corpus."""
 
     def __init__(self, cache_dir: Path, recipe: SpeculativeRecipe, key: dict[str, str]) -> None:
-        settings = {name: getattr(recipe, name) for name in _TRAINING_FIELDS}
-        settings.update(key, teacher_recipe=asdict(recipe.teacher))
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        self.folder = cache_dir / f"speculative-demo-drafts-{digest}"
+        self.cache_dir, self.recipe, self.key = cache_dir, recipe, key
 
-    def load_or_train(self, name: str, module: nn.Module, say, what: str, train) -> float | None:
+    def folder(self, fields: tuple[str, ...]) -> Path:
+        settings = {name: getattr(self.recipe, name) for name in fields}
+        settings.update(self.key, teacher_recipe=asdict(self.recipe.teacher))
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        return self.cache_dir / f"speculative-demo-drafts-{digest}"
+
+    def load_or_train(
+        self, name: str, fields: tuple[str, ...], module: nn.Module, say, what: str, train
+    ) -> float | None:
         """Load ``module``'s weights, or ``train(module)`` and store them; the training time."""
         from safetensors.torch import load_file, save_file
 
         from .._files import atomic_path
 
-        path = self.folder / f"{name}.safetensors"
+        path = self.folder(fields) / f"{name}.safetensors"
         if path.is_file():
             module.load_state_dict(load_file(str(path)), strict=False)
             say(f"{what}: loaded from {path}")
@@ -315,9 +319,8 @@ class _DraftStore:
         began = time.perf_counter()
         train(module)
         seconds = time.perf_counter() - began
-        tensors = {n: t.detach().contiguous() for n, t in module.state_dict().items()}
-        tensors = _untied(tensors)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = _untied({n: t.detach().contiguous() for n, t in module.state_dict().items()})
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as temporary:
             save_file(tensors, str(temporary))
         return seconds
