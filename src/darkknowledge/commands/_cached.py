@@ -48,13 +48,18 @@ def cached_teacher(
 
 def cached_train_loader(config: Any, data: Any, generator: torch.Generator) -> DataLoader:
     """The student's training batches with their cached targets; the dataset is checked
-    against the cache's fingerprint (a cache of other data is refused, naming both)."""
+    against the cache's fingerprint (a cache of other data is refused, naming both).
+
+    The lookups run in one loader worker when a GPU trains (the CPU is otherwise idle), in the
+    training process on a CPU, where a worker competes for the same cores and its shared-memory
+    hand-over cost more than the lookups (benchmarks/results/teacher_cache.md)."""
     from ..cache import cached_loader
 
     try:
         return cached_loader(
             data.train, config.teacher.cache, batch_size=config.data.batch_size, shuffle=True,
             generator=generator, collate_fn=data.collate or default_collate,
+            num_workers=1 if torch.cuda.is_available() else 0,
         )  # fmt: skip
     except ValueError as error:
         raise ValueError(
