@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "darkknowledge.commands.eval",
         "evaluate saved student weights on the config's eval data",
     ),
+    "speculate": (
+        "darkknowledge.commands.speculate",
+        "speculative decoding of the config's teacher by its student (or MTP heads), measured",
+    ),
     "validate": (
         "darkknowledge.commands.validate",
         "check a config and list every problem at once",

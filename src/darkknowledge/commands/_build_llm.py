@@ -75,10 +75,19 @@ class CausalLMParts:
         self.num_classes = self.data.vocab_size  # what a learnable temperature would see
 
     def model(self, spec: ModelConfig, path: str) -> nn.Module:
-        return build_causal_lm(
+        model = build_causal_lm(
             spec.name, args=thaw(spec.args), checkpoint=spec.checkpoint,
             vocab_size=self.data.vocab_size, what=path,
         )  # fmt: skip
+        if self.config.mtp is not None and path == "student":  # the student gets the heads
+            from ..mtp import MTPStudent
+
+            mtp = self.config.mtp
+            return MTPStudent.from_model(
+                model, mtp.kind, mtp.num_depths, intermediate_size=mtp.intermediate_size,
+                freeze_model=mtp.freeze_model,
+            )  # fmt: skip
+        return model
 
     def load(self, model: nn.Module, path: str) -> nn.Module:
         return load_causal_lm_weights(model, path)
@@ -106,11 +115,20 @@ class CausalLMParts:
             return cached_task(self.config)
         if distill and self.config.distill.on_policy is not None:
             return on_policy_task(self.config)
+        if self.config.mtp is not None and stage in ("student", "baseline"):
+            from ..mtp import MTPTask
+
+            mtp = self.config.mtp
+            return MTPTask(depth_weights=mtp.depth_weights, main_weight=mtp.main_weight)
         return CausalLMTask()
 
     def eval_task(self) -> Any:
         from ..llm.task import CausalLMTask
 
+        if self.config.mtp is not None:  # evaluates an MTP student's model and plain models
+            from ..mtp import MTPTask
+
+            return MTPTask()
         return CausalLMTask()
 
     def metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,12 @@ def task_problems(config: Any) -> list[str]:
     if not isinstance(config, Config):
         return []
     if config.task == "causal_lm":
-        return _causal_lm_problems(config) + _cache_problems(config) + _on_policy_problems(config)
+        return (
+            _causal_lm_problems(config)
+            + _cache_problems(config)
+            + _on_policy_problems(config)
+            + _mtp_problems(config)
+        )
     problems = _cache_problems(config) + [
         f"{path}.name: {spec.name!r} is a causal language model; set task: causal_lm"
         for path, spec in _models(config)
@@ -28,6 +33,8 @@ def task_problems(config: Any) -> list[str]:
         problems.append("data.name: stdlib_bytes is text for causal LMs; set task: causal_lm")
     if config.distill.on_policy is not None:
         problems.append("distill.on_policy: samples text from the student; set task: causal_lm")
+    if config.mtp is not None:
+        problems.append("mtp: heads that predict tokens ahead; set task: causal_lm")
     return problems
 
 
@@ -127,6 +134,26 @@ def _on_policy_problems(config: Config) -> list[str]:
             "distill.on_policy.sampler_args: for a package.module:callable sampler; the built-in "
             "generate sampler takes the fields of distill.on_policy"
         )
+    return problems
+
+
+def _mtp_problems(config: Config) -> list[str]:
+    """MTP heads go on the one student, trained by their own task."""
+    mtp = config.mtp
+    if mtp is None:
+        return []
+    problems = []
+    if mtp.depth_weights is not None and len(mtp.depth_weights) != mtp.num_depths:
+        problems.append(
+            f"mtp.depth_weights: one weight per depth (mtp.num_depths={mtp.num_depths}), got "
+            f"{len(mtp.depth_weights)}: {list(mtp.depth_weights)}"
+        )
+    if config.stages:
+        problems.append("mtp: heads go on one `student`, not on a `stages` chain")
+    if config.distill.on_policy is not None:
+        problems.append("mtp: not with distill.on_policy (the MTP task reads the data's text)")
+    if config.teacher is not None and config.teacher.cache is not None:
+        problems.append("mtp: not with teacher.cache (each depth reads the live teacher's states)")
     return problems
 
 

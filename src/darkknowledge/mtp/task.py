@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..llm.heads import unwrap_model
 from ..llm.task import CausalLMTask, TeacherOutputs
 from ..losses.fused import DEFAULT_CHUNK_SIZE
 from ..train.task import TaskOutput
 from . import _checks
 from .loss import mtp_batch_loss
-from .student import as_mtp_student
+from .student import MTPStudent, as_mtp_student
 
 
 class MTPTask(CausalLMTask):
@@ -133,5 +134,7 @@ class MTPTask(CausalLMTask):
 
     @torch.no_grad()
     def eval_sums(self, student: nn.Module, batch: Any) -> dict[str, float]:
-        """The model's next-token sums (``loss``, ``correct``, ``count``), heads aside."""
-        return super().eval_sums(as_mtp_student(student).model, batch)
+        """The model's next-token sums (``loss``, ``correct``, ``count``), heads aside; a plain
+        causal LM (a teacher) is evaluated as it is."""
+        inner = unwrap_model(student)
+        return super().eval_sums(inner.model if isinstance(inner, MTPStudent) else student, batch)
