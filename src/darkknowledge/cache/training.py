@@ -7,9 +7,11 @@
 Every example gets its cached targets by its **sample key** (its ``id``, else the SHA-256 of its
 tokens: the key the capture recorded), never by its position in the loop, and the entry's
 content hash is compared with the example's own, so a shuffled, resumed, sharded or
-multi-epoch loop always reads the targets of the tokens it trains on. The lookups (a memory-map
-slice per sequence) and the padding run in the DataLoader's worker processes, ahead of the
-training step (``num_workers``, ``prefetch_factor``), so they overlap the student's compute.
+multi-epoch loop always reads the targets of the tokens it trains on. The lookups (a dictionary
+access for a cache read into memory, else a memory-map slice per sequence) and the padding run
+in the DataLoader's worker processes, ahead of the training step (``num_workers``,
+``prefetch_factor``), so they overlap the student's compute; ``num_workers=0`` runs them in the
+training process, which measured faster when a CPU trains (benchmarks/results/teacher_cache.md).
 """
 
 from __future__ import annotations
@@ -76,9 +78,9 @@ class CachedTargets(Dataset):
         check_dataset: refuse a cache whose dataset fingerprint differs from ``dataset``'s
             (reads every example once). False allows training on part of the captured data; every
             lookup is still checked by key and content hash.
-        in_memory: read every entry once, here, and look entries up in memory (about 30 µs a
-            sequence instead of about 180 µs through the memory map, measured on the demo
-            cache); None: when the shards hold at most ``IN_MEMORY_BYTES`` (1 GiB).
+        in_memory: read every entry once, here, and look entries up in memory (on the demo
+            cache about 30 µs a sequence instead of about 180 µs through the memory map);
+            None: when the shards hold at most ``IN_MEMORY_BYTES`` (1 GiB).
 
     The cache is verified (every shard's SHA-256) and its key index built here, once, so
     DataLoader workers inherit both (and the entries read into memory) instead of each reading
