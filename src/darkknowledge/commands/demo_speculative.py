@@ -26,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="divergences of the distilled drafts (default: tvd forward_kl reverse_kl jsd)",
     )
+    parser.add_argument(
+        "--on-policy",
+        nargs="*",
+        metavar="NAME",
+        help="divergences of drafts distilled on their own samples (default: tvd; none: skip)",
+    )
     parser.add_argument("--gamma", type=int, help="draft tokens per target call")
     parser.add_argument("--temperature", type=float, help="decoding temperature of both models")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
         repeats=args.repeats, seed=args.seed, greedy=True if args.greedy else None,
         divergences=tuple(args.divergences) if args.divergences else None,
+        on_policy=tuple(args.on_policy) if args.on_policy is not None else None,
     )  # fmt: skip
     _check(recipe, args.threads)
     # One thread: at these sizes a forward pass is mostly per-call overhead, which a second
@@ -90,9 +97,10 @@ def _check(recipe, threads: int | None) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not (recipe.temperature > 0 and math.isfinite(recipe.temperature)):
         raise ValueError(f"--temperature must be finite and > 0, got {recipe.temperature}")
-    unknown = [name for name in recipe.divergences if name not in DIVERGENCES]
-    if unknown:
-        raise ValueError(f"--divergences: unknown {unknown}; choose from {', '.join(DIVERGENCES)}")
+    for flag, names in (("--divergences", recipe.divergences), ("--on-policy", recipe.on_policy)):
+        unknown = [name for name in names if name not in DIVERGENCES]
+        if unknown:
+            raise ValueError(f"{flag}: unknown {unknown}; choose from {', '.join(DIVERGENCES)}")
     if recipe.prompt_length + recipe.max_new_tokens > recipe.teacher.block_size:
         raise ValueError(
             f"--max-new-tokens must leave room for the {recipe.prompt_length}-byte prompt in the "

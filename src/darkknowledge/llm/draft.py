@@ -4,10 +4,13 @@ by the teacher, sampled once and cached on disk.
 A draft is accepted where its next-token distribution overlaps the target's on the text that
 speculative decoding visits: the target's own samples. DistillSpec therefore distils the draft
 on sequences the teacher (or the draft) generated rather than on the training text alone.
-:func:`sample_continuations` draws them exactly from the teacher (full distribution at the
-given temperature: no top-k, no top-p), a batch at a time with a KV cache;
-:func:`cached_teacher_samples` keeps them in a safetensors file keyed by everything that
-determines them; :class:`SampleBatches` serves them as causal-LM batches for the Distiller.
+:func:`cached_teacher_samples` draws them from the teacher with the on-policy sampler
+(:class:`~darkknowledge.llm.generation.GenerateSampler`: Hugging Face ``generate`` with a KV
+cache, each token chosen from the full ``softmax(z / T)``, no top-k, no top-p, one seed per
+row) and keeps them in a safetensors file keyed by everything that determines them;
+:class:`SampleBatches` serves them as causal-LM batches for the Distiller (with
+``prompt_lengths``, so that the on-policy task can also complete the same prompts with the
+draft itself).
 """
 
 from __future__ import annotations
@@ -23,45 +26,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._files import atomic_path
-
-
-@torch.no_grad()
-def sample_continuations(
-    model: nn.Module,
-    prompts: torch.Tensor,
-    *,
-    new_tokens: int,
-    temperature: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``prompts`` ``(B, L)`` (no padding) followed by ``new_tokens`` tokens sampled from
-    ``model``, ``x_t ~ softmax(z_t / temperature)``: ``(B, L + new_tokens)`` long, on CPU.
-
-    >>> import transformers
-    >>> transformers.logging.set_verbosity_error()
-    >>> config = transformers.GPT2Config(vocab_size=16, n_positions=16, n_embd=8, n_layer=1, n_head=2)
-    >>> model = transformers.GPT2LMHeadModel(config).eval()
-    >>> sample_continuations(model, torch.zeros(3, 2, dtype=torch.long), new_tokens=5).shape
-    torch.Size([3, 7])
-    """
-    from ..speculative._cache import CachedLM
-    from ..speculative.verify import check_sampling, sample_from
-
-    check_sampling(temperature, False, generator)
-    if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.shape[1] < 1:
-        raise ValueError(
-            f"prompts must be a (B, L) tensor of token ids with L >= 1, got {prompts!r}"
-        )
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 0:
-        raise ValueError(f"new_tokens must be an int >= 0, got {new_tokens!r}")
-    lm = CachedLM(model)
-    sequence, pending = prompts.long().cpu(), prompts.long()
-    for _ in range(new_tokens):
-        logits = lm.forward(pending, keep_logits=1).logits[:, -1]  # (B, V)
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        pending = sample_from(probs, generator).reshape(-1, 1)  # (B, 1)
-        sequence = torch.cat([sequence, pending.cpu()], dim=1)
-    return sequence
 
 
 def cached_teacher_samples(
@@ -81,13 +45,15 @@ def cached_teacher_samples(
     ``text`` (1-D token ids) continued by the teacher; read from ``cache_path`` when it holds
     samples made with the same settings and ``key`` (what identifies the teacher and the text,
     e.g. a hash of its weights' source), else sampled and written there atomically."""
+    from .generation import GenerateSampler
+
     if not 1 <= prompt_length < length:
         raise ValueError(
             f"prompt_length must be in [1, length) = [1, {length}), got {prompt_length}"
         )
     settings = {
         **key, "count": count, "prompt_length": prompt_length, "length": length,
-        "temperature": temperature, "seed": seed,
+        "temperature": temperature, "seed": seed, "sampler": "GenerateSampler",
     }  # fmt: skip
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = Path(cache_path)
@@ -101,14 +67,16 @@ def cached_teacher_samples(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(text.numel() - prompt_length, (count, 1), generator=generator)
     prompts = text[starts + torch.arange(prompt_length)].long()  # (count, prompt_length)
-    new_tokens = length - prompt_length
-    parts = [
-        sample_continuations(
-            teacher, batch, new_tokens=new_tokens, temperature=temperature, generator=generator
-        )
-        for batch in prompts.split(batch_size)
-    ]
-    samples = torch.cat(parts)
+    sampler = GenerateSampler(temperature=temperature)
+    seeds = seed * 1_000_003 + torch.arange(count)  # one stream per row
+    parts = []
+    for rows in torch.arange(count).split(batch_size):
+        completions = sampler(
+            teacher, prompts[rows], torch.ones_like(prompts[rows]),
+            max_new_tokens=length - prompt_length, seeds=seeds[rows],
+        )  # fmt: skip
+        parts.append(torch.cat([prompts[rows], completions.ids.cpu()], dim=1))
+    samples = torch.cat(parts)  # (count, length)
     tag = torch.tensor(list(fingerprint.encode()), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:
@@ -119,10 +87,18 @@ def cached_teacher_samples(
 class SampleBatches:
     """Batches ``{"input_ids": (batch_size, T)}`` of rows of ``samples`` ``(N, T)``,
     ``num_batches`` per epoch in an order seeded by ``seed`` and the epoch (like
-    :class:`~darkknowledge.llm.data.RandomWindows`, the Distiller calls ``set_epoch``)."""
+    :class:`~darkknowledge.llm.data.RandomWindows`, the Distiller calls ``set_epoch``); with
+    ``prompt_length`` also ``prompt_lengths`` ``(batch_size,)``: the loss then counts the
+    completions only, and :class:`~darkknowledge.llm.OnPolicyTask` can sample them anew."""
 
     def __init__(
-        self, samples: torch.Tensor, *, batch_size: int, num_batches: int, seed: int = 0
+        self,
+        samples: torch.Tensor,
+        *,
+        batch_size: int,
+        num_batches: int,
+        seed: int = 0,
+        prompt_length: int = 0,
     ) -> None:
         if samples.dim() != 2 or samples.shape[0] < batch_size:
             raise ValueError(
@@ -130,6 +106,7 @@ class SampleBatches:
             )
         self.samples, self.batch_size = samples.long(), batch_size
         self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+        self.prompt_length = prompt_length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -141,4 +118,7 @@ class SampleBatches:
         generator = torch.Generator().manual_seed(self.seed + 100_003 * self.epoch)
         for _ in range(self.num_batches):
             rows = torch.randint(self.samples.shape[0], (self.batch_size,), generator=generator)
-            yield {"input_ids": self.samples[rows]}  # (B, T)
+            batch = {"input_ids": self.samples[rows]}  # (B, T)
+            if self.prompt_length:
+                batch["prompt_lengths"] = torch.full((self.batch_size,), self.prompt_length)
+            yield batch

@@ -6,6 +6,8 @@ from its cache). Drafts, all trained for the same steps on the same batch size:
 - (a) ``data``: a small GPT-2 trained on the training text alone;
 - (b) the same GPT-2 (same initialisation) distilled from the target on sequences the target
   generated (DistillSpec), pure distillation (``alpha = 1``, ``T = 1``), once per divergence;
+  and distilled on its own completions of the same prompts (on-policy,
+  :class:`~darkknowledge.llm.OnPolicyTask`, every step sampled);
 - (c) multi-token-prediction heads on the frozen target (self-speculation: no second model),
   trained on the labels of the training text alone, and the same heads distilled towards the
   target's own distribution at ``i + k`` on its samples.
@@ -53,6 +55,7 @@ class SpeculativeRecipe:
     draft_width: int = 128
     draft_steps: int = 1000
     divergences: tuple[str, ...] = DIVERGENCES
+    on_policy: tuple[str, ...] = ("tvd",)  # divergences of drafts distilled on their own samples
     samples: int = 4096  # target samples to distil on (prompt: sample_prompt_length bytes)
     sample_prompt_length: int = 8
     heldout_samples: int = 256
@@ -72,7 +75,8 @@ class SpeculativeRecipe:
 
 
 QUICK = SpeculativeRecipe(
-    draft_layers=1, draft_width=16, draft_steps=4, divergences=("tvd",), samples=32,
+    draft_layers=1, draft_width=16, draft_steps=4, divergences=("tvd",), on_policy=("jsd",),
+    samples=32,
     heldout_samples=16, mtp_depths=2, mtp_steps=4, gamma=2, max_new_tokens=8, prompts=2,
     prompt_length=8, repeats=1, teacher=llm_demo.QUICK,
 )  # fmt: skip
@@ -109,7 +113,10 @@ def run_speculative_demo(
         lambda line: None if line.startswith("reference") else say(line),
     )
     target.eval()
-    key = {"teacher": Path(teacher_info["cache_path"]).name, "corpus": corpus.digest}
+    key = {
+        "teacher": Path(teacher_info["cache_path"]).name, "corpus": corpus.digest,
+        "sampler": "GenerateSampler",
+    }  # fmt: skip
     say(
         f"target: the llm demo's teacher ({llm_demo._parameters(target):,} parameters), from "
         f"{teacher_info['cache_path']}"
@@ -136,24 +143,32 @@ def run_speculative_demo(
             num_batches=steps, seed=recipe.seed,
         )  # fmt: skip
 
-    def sample_batches(steps: int) -> SampleBatches:
+    def sample_batches(steps: int, prompt_length: int = 0) -> SampleBatches:
         return SampleBatches(
             train_samples, batch_size=recipe.teacher.batch_size, num_batches=steps,
-            seed=recipe.seed,
+            seed=recipe.seed, prompt_length=prompt_length,
         )  # fmt: skip
 
-    drafts = [("data", None, "text")] + [(name, name, "samples") for name in recipe.divergences]
+    # (name, divergence, data): the text, the target's samples, or the draft's own completions
+    # of the samples' prompts (on-policy: OnPolicyTask samples them at every step).
+    drafts = [("data", None, "text")]
+    drafts += [(name, name, "samples") for name in recipe.divergences]
+    drafts += [(f"on_policy_{name}", name, "own") for name in recipe.on_policy]
     for name, divergence, data in drafts:
         draft = llm_demo._gpt2(
             recipe.draft_layers, recipe.draft_width, recipe.teacher, seed=recipe.seed + 1
         )
-        how = f"distilled ({divergence}) on target samples" if divergence else "data alone"
+        how = {
+            "text": "data alone",
+            "samples": f"distilled ({divergence}) on target samples",
+            "own": f"distilled ({divergence}) on its own samples (on-policy)",
+        }[data]
         seconds = store.load_or_train(
             f"draft-{name}", _DRAFT_FIELDS, draft, say, f"draft {name}: {how}",
             lambda model, d=divergence, data=data: _train(
-                model, target if d else None, text_batches(recipe.draft_steps) if data == "text"
-                else sample_batches(recipe.draft_steps), recipe, recipe.draft_steps,
-                CausalLMTask(), d or "forward_kl", progress,
+                model, target if d else None, _draft_data(data, text_batches, sample_batches,
+                recipe), recipe, recipe.draft_steps, _draft_task(data, recipe), d or "forward_kl",
+                progress,
             ),
         )  # fmt: skip
         draft.eval()
@@ -190,6 +205,23 @@ def run_speculative_demo(
     write_json(output_dir / "results.json", report)
     plot_report(report, output_dir / "speculative.png")
     return report
+
+
+def _draft_data(kind: str, text_batches, sample_batches, recipe: SpeculativeRecipe):
+    steps = recipe.draft_steps
+    if kind == "text":
+        return text_batches(steps)
+    if kind == "samples":
+        return sample_batches(steps)
+    return sample_batches(steps, recipe.sample_prompt_length)  # only the prompts are read
+
+
+def _draft_task(kind: str, recipe: SpeculativeRecipe):
+    if kind != "own":
+        return CausalLMTask()
+    from .on_policy import OnPolicyTask
+
+    return OnPolicyTask(fraction=1.0, seed=recipe.seed)
 
 
 def _train(student, teacher, data, recipe, steps, task, divergence, progress) -> None:

@@ -14,6 +14,10 @@ LABELS = {
     "forward_kl": "(b) draft, distilled: forward KL",
     "reverse_kl": "(b) draft, distilled: reverse KL",
     "jsd": "(b) draft, distilled: JSD",
+    "on_policy_tvd": "(b) draft, distilled on-policy: TVD",
+    "on_policy_forward_kl": "(b) draft, distilled on-policy: forward KL",
+    "on_policy_reverse_kl": "(b) draft, distilled on-policy: reverse KL",
+    "on_policy_jsd": "(b) draft, distilled on-policy: JSD",
     "mtp_labels": "(c) MTP heads, labels alone",
     "mtp_distilled": "(c) MTP heads, distilled",
 }

@@ -56,13 +56,6 @@ class CachedLM:
         count = new_ids.shape[1]
         if count < keep_logits or keep_logits < 1:
             raise RuntimeError(f"cannot keep {keep_logits} logits of {count} new tokens")
-        output = self.forward(new_ids, keep_logits=keep_logits, hidden=hidden)
-        logits = output.logits[0, -keep_logits:]  # (keep_logits, V)
-        return logits, (output.hidden_states[-1] if hidden else None)
-
-    def forward(self, new_ids: torch.Tensor, *, keep_logits: int, hidden: bool = False) -> Any:
-        """The model's output on ``new_ids`` ``(B, n)`` after the cached tokens (every row of a
-        batch the same length), its last ``keep_logits`` logits; the cache grows by n."""
         kwargs: dict[str, Any] = {"use_cache": True}
         if self.cache is not None:
             kwargs[self._cache_argument] = self.cache
@@ -73,8 +66,9 @@ class CachedLM:
         output = self.model(input_ids=new_ids.to(self.device), **kwargs)
         cache = getattr(output, "cache", None)
         self.cache = cache if cache is not None else output.past_key_values
-        self.length += new_ids.shape[1]
-        return output
+        self.length += count
+        logits = output.logits[0, -keep_logits:]  # (keep_logits, V)
+        return logits, (output.hidden_states[-1] if hidden else None)
 
     def crop(self, length: int) -> None:
         """Forget every cached token from position ``length`` on."""
