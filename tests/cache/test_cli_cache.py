@@ -47,7 +47,7 @@ def _config(tmp_path: Path, teacher_folder: Path, name: str = "config.yaml", **s
             "train_bytes": 2048, "heldout_bytes": 512,
         },
         "distill": {"temperature": 1.0, "alpha": 0.9},
-        "cache": {"k": 8, "shard_size": 32},
+        "cache": {"representation": "topk", "k": 8, "shard_size": 32},
         "train": {"max_steps": 4, "log_every": 1, "progress": False},
     }  # fmt: skip
     for section, changes in sections.items():
@@ -119,6 +119,20 @@ def test_cache_teacher_under_torchrun_writes_the_one_process_files(tmp_path, tea
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: ") == 1  # one report, from process 0
     assert files(tmp_path / "two") == files(tmp_path / "one")
+
+
+def test_cache_teacher_captures_twelve_draws_by_default(tmp_path, teacher_folder, capsys):
+    config = _config(tmp_path, teacher_folder)
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["cache"] = {"shard_size": 32}  # representation and width left to their defaults
+    Path(config).write_text(yaml.safe_dump(raw))
+    assert main(["cache-teacher", config]) == 0
+    assert "48 bytes/token of targets" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert (manifest["representation"], manifest["num_samples"]) == ("sampled", 12)
+    assert main(["validate", config, "cache.k=8"]) == 2
+    err = capsys.readouterr().err
+    assert "cache.k: not used by cache.representation 'sampled' (it takes cache.num_samples)" in err
 
 
 def test_cache_cli_refuses_what_it_cannot_use(tmp_path, teacher_folder, capsys):

@@ -18,6 +18,10 @@ import torch
 from ..config import load_config
 from ._run import add_config_arguments
 
+# cache.k and cache.num_samples when the config leaves them null: top-32, or 12 draws (about
+# full KD's held-out bits per byte on the dk demo llm setup, docs/cache.md).
+DEFAULT_K, DEFAULT_NUM_SAMPLES = 32, 12
+
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser)
@@ -35,7 +39,10 @@ def run(args) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     teacher = teacher.to(device=device, dtype=dtype.get(config.teacher.dtype))
     spec = config.cache
-    width = {"k": spec.k} if spec.representation == "topk" else {"num_samples": spec.num_samples}
+    if spec.representation == "topk":
+        width = {"k": spec.k or DEFAULT_K}
+    else:
+        width = {"num_samples": spec.num_samples or DEFAULT_NUM_SAMPLES}
     main = os.environ.get("RANK", "0") == "0"
     if main:
         print(

@@ -344,10 +344,18 @@ class TrainConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     representation: str = field_(
-        "topk", choice("topk", "sampled"), "what dk cache-teacher stores per position"
+        "sampled",
+        choice("topk", "sampled"),
+        "what dk cache-teacher stores per position: sampled draws (an unbiased gradient at "
+        "T = 1; 12 draws are 48 bytes a token with 16-bit ids) or the top k (any "
+        "distill.temperature; biased at small k)",
     )
-    k: int = field_(32, integer(at_least=1), "topk: ids kept per position")
-    num_samples: int = field_(12, integer(at_least=1), "sampled: draws per position")
+    k: int | None = field_(
+        None, optional(integer(at_least=1)), "topk: ids kept per position (null: 32)"
+    )
+    num_samples: int | None = field_(
+        None, optional(integer(at_least=1)), "sampled: draws per position (null: 12)"
+    )
     temperature: float = field_(
         1.0, number(above=0), "capture temperature (training from the cache needs 1)"
     )

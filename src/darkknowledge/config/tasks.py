@@ -216,12 +216,25 @@ def causal_lm_checkpoint_problems(spec: ModelConfig, path: str) -> list[str]:
 
 
 def _cache_problems(config: Config) -> list[str]:
-    """``teacher.cache`` (training from a teacher cache): one causal-LM student, forward KL."""
+    """``teacher.cache`` (training from a teacher cache): one causal-LM student, forward KL;
+    the ``cache`` section's width field of the other representation is refused, not ignored."""
+    spec, problems = config.cache, []
+    unused, used = (
+        ("k", "num_samples") if spec.representation == "sampled" else ("num_samples", "k")
+    )
+    if getattr(spec, unused) is not None:
+        problems.append(
+            f"cache.{unused}: not used by cache.representation {spec.representation!r} (it takes "
+            f"cache.{used}); remove it, or set the representation that uses it"
+        )
     if config.teacher is None or config.teacher.cache is None:
-        return []
+        return problems
     if config.task != "causal_lm":
-        return ["teacher.cache: a teacher cache holds next-token targets; set task: causal_lm"]
-    distill, problems = config.distill, []
+        return [
+            *problems,
+            "teacher.cache: a teacher cache holds next-token targets; set task: causal_lm",
+        ]
+    distill = config.distill
     if config.stages:
         problems.append(
             "teacher.cache: not with `stages` (each assistant teaches the next one live); "
