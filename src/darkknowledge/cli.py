@@ -4,7 +4,8 @@ Each subcommand lives in the module that owns its work; this file only maps name
 A module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
 when their command runs, so ``dk --help`` stays fast (transformers is slow to import).
 
-Bad input (``ValueError``, ``TypeError``, a missing file) prints one line and exits with 2.
+Bad input (``ValueError``, ``TypeError``, a missing file) prints one line and exits with 2; a
+run stopped by a full disk, a non-finite loss or a lost process prints one line and exits with 1.
 
 User code named in a config (``package.module:callable``) is found in the current folder and
 in the config's folder, as ``python -m`` would find a module there, without ``PYTHONPATH=.``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -105,8 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dk {known.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if not _run_failure(error):
+            raise
+        print(f"dk {known.command}: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         _leave_process_group()
+
+
+def _run_failure(error: Exception) -> bool:
+    """A run that stopped for a reason its message explains in one line: a full disk (an
+    OSError with ENOSPC or EDQUOT, ``darkknowledge._files.DiskFull``), a non-finite loss, a lost
+    or stuck process (``darkknowledge.train.failures.RunFailure``; looked up, not imported,
+    so that ``dk --help`` never imports torch)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    failures = sys.modules.get("darkknowledge.train.failures")
+    return failures is not None and isinstance(error, failures.RunFailure)
 
 
 def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Namespace:

@@ -1,5 +1,7 @@
-"""``kill -9`` at random moments during ``dk distill`` (checkpoint writes included), each
-followed by ``dk distill --resume``, ends with the uninterrupted run's weights, bit for bit."""
+"""``kill -9`` at 20 random moments of one ``dk distill`` run (10 of them while a checkpoint
+is being written), each followed by ``dk distill --resume``: after every kill each published
+checkpoint verifies and holds the uninterrupted run's state at its step, and the run ends
+with the uninterrupted run's weights, logs and results, bit for bit."""
 
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from kill_harness import random_plan, run_with_kills, temporary_folders
+from faultkit import DK, ENV, check_checkpoints, kill_summary, records
+from kill_harness import Zygote, random_plan, run_with_kills, temporary_folders
 
 from darkknowledge.cli import main
 
+KILLS = 20
 # A teacher stage and a student stage, a checkpoint every 3 steps (the newest 2 kept), dropout
 # and shuffling: a resume must restore weights, optimizer, RNG and data position exactly.
 CONFIG = {
@@ -23,48 +27,53 @@ CONFIG = {
     "data": {"name": "digits", "batch_size": 32, "eval_batch_size": 512},
     "distill": {"temperature": 3.0, "alpha": 0.7},
     "train": {
-        "max_steps": 45, "save_every": 3, "keep_last": 2, "log_every": 1, "eval_every": 15,
+        "max_steps": 400, "save_every": 3, "keep_last": 2, "log_every": 1, "eval_every": 100,
         "progress": False,
     },
 }  # fmt: skip
 THROUGHPUT = ("steps_per_s", "positions_per_s", "seconds")
 
 
-def _records(path: Path) -> list[dict]:
-    lines = path.read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in THROUGHPUT} for x in lines]
-
-
-def test_kill_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.faults
+def test_kill_resume_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the subprocesses below (OMP_NUM_THREADS=1)
-    try:
-        assert main(["distill", str(config), f"train.output_dir={reference}"]) == 0
+    try:  # every checkpoint kept: each one the killed run publishes is compared with it
+        assert main(["distill", str(config), f"train.output_dir={reference}",
+                     "train.keep_last=null"]) == 0  # fmt: skip
     finally:
         torch.set_num_threads(threads)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "darkknowledge.cli", "distill", str(config)]
-    command.append(f"train.output_dir={killed}")
-    plan = random_plan(seed=8, kills=4, max_delay=0.4)
-    attempts = run_with_kills(command, [*command, "--resume"], killed, plan, env=env)
+    command = [*DK, "distill", str(config), f"train.output_dir={killed}"]
+    checked = []
 
-    kills = [a for a in attempts if a.killed]
-    assert len(kills) >= 3, [(a.kill, a.killed, a.seconds) for a in attempts]
-    assert any(a.left_temporary for a in kills), "no kill landed inside a checkpoint write"
+    def after_kill(attempt) -> None:
+        checked.append(sum(check_checkpoints(killed / stage, reference / stage)
+                           for stage in ("teacher", "student") if (killed / stage).exists()))  # fmt: skip
+
+    plan = random_plan(seed=8, kills=KILLS, max_delay=0.3)
+    with Zygote(ENV) as zygote:  # each attempt a fork of a process that imported darkknowledge
+        attempts = run_with_kills(
+            command, [*command, "--resume"], killed, plan, after_kill=after_kill, timeout=300,
+            zygote=zygote,
+        )  # fmt: skip
+    summary = kill_summary(attempts)
+    print("dk distill:", json.dumps(summary), f"checkpoints checked: {sum(checked)}")
+    assert summary["kills"] == KILLS, [(a.kill, a.killed, a.seconds) for a in attempts]
+    assert summary["moments"] == {"save": KILLS // 2, "after a delay": KILLS // 2}
+    assert summary["cut_a_write"] >= KILLS // 2  # every kill at "save" cut a checkpoint write
     assert not temporary_folders(killed)  # the last run cleaned up after the killed saves
     for stage in ("teacher", "student"):
         ours = (killed / stage / "model.safetensors").read_bytes()
         assert ours == (reference / stage / "model.safetensors").read_bytes(), stage
-        assert _records(killed / stage / "metrics.jsonl") == _records(
+        assert records(killed / stage / "metrics.jsonl") == records(
             reference / stage / "metrics.jsonl"
         ), stage
         assert len(list((killed / stage / "checkpoints").iterdir())) == 2  # keep_last
-    results = [_records_of(killed), _records_of(reference)]
-    assert results[0] == results[1]
+    assert _records_of(killed) == _records_of(reference)
 
 
 def _records_of(run: Path) -> list[dict]:

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
+from .._files import DiskFull
 from ..losses._checks import check_temperature
 from . import manifest as manifest_file
 from ._processes import Processes, barrier, capture_processes, sum_over_processes
@@ -317,7 +318,15 @@ class _Job:
                     table[j] = _existing_record(paths[j], info)
                     continue
                 data = self.shard_bytes(self.indices(j), info, bar.update)
-                write_durably(paths[j], data)
+                try:
+                    write_durably(paths[j], data)
+                except DiskFull as error:  # atomic: the shards before it are whole
+                    done = len(list(self.folder.glob("shard-*.safetensors")))
+                    error.kept = (
+                        f"the {done} shards written before it are complete and kept: free "
+                        "space and run the same capture again to continue"
+                    )
+                    raise
                 sha256 = hashlib.sha256(data).hexdigest()
                 table[j] = _record(sha256, data[: header_length(data)], len(data))
         return table

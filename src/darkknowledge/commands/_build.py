@@ -150,6 +150,7 @@ def distiller_kwargs(
         "grad_accum_steps": train.grad_accum_steps,
         "max_grad_norm": train.max_grad_norm,
         "mixed_precision": train.mixed_precision,
+        "on_nonfinite": train.on_nonfinite,
         "eval_every": train.eval_every,
         "save_every": train.save_every,
         "keep_last": train.keep_last,

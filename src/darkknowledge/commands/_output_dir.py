@@ -71,7 +71,10 @@ def finished_stage(stage_dir: str | None, max_steps: int, config: dict[str, Any]
     identity = summary.get("identity") == identity_hash(config)
     same = identity and summary.get("max_steps") == max_steps
     weights = Path(stage_dir) / "model.safetensors"
-    return summary if same and weights.is_file() else None
+    if not (same and weights.is_file()):
+        return None
+    # As the stage reported it when it finished: results.json then equals an uninterrupted run's.
+    return {key: value for key, value in summary.items() if key != "identity"}
 
 
 def write_summary(stage_dir: str, summary: dict[str, Any], config: dict[str, Any]) -> None:

@@ -327,6 +327,12 @@ class TrainConfig:
         None, optional(number(above=0)), "clip the gradient norm (null: no clip)"
     )
     mixed_precision: str = field_("no", choice(*PRECISIONS), f"one of {', '.join(PRECISIONS)}")
+    on_nonfinite: str = field_(
+        "stop",
+        choice("stop", "skip"),
+        'a step whose loss or gradients hold NaN or Inf: "stop" the run (no checkpoint after '
+        'it) or "skip" the step (no update; counted as nonfinite_steps in the log)',
+    )
     eval_every: int = field_(0, integer(at_least=0), "evaluate every N steps (0: only at the end)")
     save_every: int = field_(
         0, integer(at_least=0), "checkpoint every N steps (0: only at the end)"

@@ -13,9 +13,10 @@
    step: it is refused with a clear error rather than run wrongly. FSDP is accepted as FSDP2
    only, with the checks and changes of :mod:`.fsdp`.
 4. A collective that one process never joins (a call made on one process only) would wait
-   forever: the process group gets an explicit timeout (:data:`PROCESS_GROUP_TIMEOUT`), after
-   which gloo raises (turned into a clear error by :func:`.distributed.explain_timeouts`) and
-   NCCL's watchdog ends the process.
+   forever: the process group gets an explicit timeout (:data:`PROCESS_GROUP_TIMEOUT`, or
+   ``DK_COLLECTIVE_TIMEOUT_S`` seconds from the environment), after which gloo raises (turned
+   into a clear error by :func:`.distributed.explain_failures`) and NCCL's watchdog ends the
+   process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from . import fsdp
 # How long a collective waits for the other processes (see 4. above): a checkpoint of a large
 # student, or a slow teacher on one process, must fit in it.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+TIMEOUT_VARIABLE = "DK_COLLECTIVE_TIMEOUT_S"
 
 # Distributed types on which the optimizer wrapper is a pass-through (see 2. above).
 _PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
@@ -87,10 +89,34 @@ def make_accelerator(mixed_precision: str) -> Accelerator:
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=1,  # the Distiller accumulates, normalising by global counts
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
     )
     check_accelerator(accelerator)
     return accelerator
+
+
+def collective_timeout() -> timedelta:
+    """:data:`PROCESS_GROUP_TIMEOUT`, or ``DK_COLLECTIVE_TIMEOUT_S`` seconds when it is set
+    (a number > 0; it applies when the process group is created, i.e. by the first Distiller).
+
+    >>> os.environ["DK_COLLECTIVE_TIMEOUT_S"] = "20"; collective_timeout().total_seconds()
+    20.0
+    >>> os.environ["DK_COLLECTIVE_TIMEOUT_S"] = "soon"; collective_timeout()
+    Traceback (most recent call last):
+    ...
+    ValueError: DK_COLLECTIVE_TIMEOUT_S must be a number of seconds > 0, got 'soon'
+    >>> del os.environ["DK_COLLECTIVE_TIMEOUT_S"]
+    """
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if text is None:
+        return PROCESS_GROUP_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{TIMEOUT_VARIABLE} must be a number of seconds > 0, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def accelerator_for(given: Accelerator | None, mixed_precision: str) -> Accelerator:
@@ -135,8 +161,10 @@ def plain_steps(accelerator: Accelerator) -> bool:
     return accelerator.scaler is None and accelerator.distributed_type in _PLAIN
 
 
-def step_optimizer(optimizer: torch.optim.Optimizer, plain: bool) -> None:
-    """``step()`` then ``zero_grad(set_to_none=True)``, on the inner optimizer when ``plain``."""
+def step_optimizer(optimizer: torch.optim.Optimizer, plain: bool, skip: bool = False) -> None:
+    """``step()`` then ``zero_grad(set_to_none=True)``, on the inner optimizer when ``plain``;
+    ``skip``: the gradients are dropped without a step (a non-finite step)."""
     inner = optimizer.optimizer if plain else optimizer
-    inner.step()
+    if not skip:
+        inner.step()
     inner.zero_grad(set_to_none=True)

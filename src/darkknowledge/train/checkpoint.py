@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .._files import writing
 from .tree import (  # noqa: F401  (re-exported: the checkpoint format's helpers)
     decode_tree,
     encode_tree,
@@ -90,16 +91,18 @@ def start(final: Path) -> Path:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON into a checkpoint's temporary folder and fsync it (the folder is published
-    by a rename once complete, so the file itself needs no rename)."""
-    with open(path, "w", encoding="utf-8") as handle:
+    by a rename once complete, so the file itself needs no rename). A full disk raises
+    :class:`darkknowledge._files.DiskFull` naming the file."""
+    with writing(path), open(path, "w", encoding="utf-8") as handle:
         json.dump(obj, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file(tensors, str(path))
-    _fsync_file(path)
+    with writing(path):  # safetensors reports a full disk as its own error: made a DiskFull
+        save_file(tensors, str(path))
+        _fsync_file(path)
 
 
 def finish(temporary: Path, final: Path) -> Path:

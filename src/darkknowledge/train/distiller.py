@@ -26,11 +26,12 @@ from ..losses import DistillationLoss
 from ..schedules import value_at
 from ._accelerate import accelerator_for, plain_steps, step_optimizer
 from .data import DataStream
-from .distributed import explain_timeouts, global_count_and_stop, reduce_sum, step_normalizer
+from .distributed import explain_failures, global_count_and_stop, reduce_sum, step_normalizer
 from .evaluation import evaluate_task
 from .fsdp import check_temperature, full_tensor
 from .interrupts import StopRequests, stop_exception
 from .logging import MetricLogger, PendingRecord, Throughput, train_record
+from .nonfinite import NonFiniteMonitor
 from .resume import check_fresh_output, export_weights, load_training_state, save_training_state
 from .setup import build_optimizer, freeze_teacher, validate_arguments
 from .task import ClassificationTask, Task, frozen_outputs
@@ -93,6 +94,7 @@ class Distiller:
         student_config: dict | None = None,
         config: Mapping[str, Any] | None = None,
         accelerator: Accelerator | None = None,
+        on_nonfinite: str = "stop",
     ) -> None:
         self.task = task if task is not None else ClassificationTask()
         loss_options = dict(loss_options or {})
@@ -115,6 +117,7 @@ class Distiller:
         self.student_config = student_config
         self.config = None if config is None else dict(config)
         self.alpha = 0.0 if teacher is None else alpha  # no teacher: labels only, the baseline
+        self._nonfinite = NonFiniteMonitor(on_nonfinite)  # NaN/Inf steps: stop or skip
 
         set_seed(seed)  # python, numpy, torch, CUDA; also the seed of the data sampler below
         self.accelerator = acc = accelerator_for(accelerator, mixed_precision)  # FSDP: see .fsdp
@@ -152,7 +155,7 @@ class Distiller:
 
     # ---- the loop ------------------------------------------------------------------------
 
-    @explain_timeouts
+    @explain_failures
     def fit(self, resume: bool = False) -> TrainResult:
         """Train to ``max_steps``. ``resume=True`` continues from the newest complete
         checkpoint in ``output_dir`` (or starts afresh when there is none); a fresh first
@@ -226,11 +229,14 @@ class Distiller:
         if self.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), self.max_grad_norm)
             grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
-        step_optimizer(self.optimizer, self._plain_steps)
+        parameters = self._trainable_parameters()
+        skip = self._nonfinite.check_step(acc, step + 1, outputs, grad_norm, parameters)
+        step_optimizer(self.optimizer, self._plain_steps, skip=skip)
         self.step += 1
         self._window.add(global_count)
         if not log_now:
             return None
+        self._nonfinite.snapshot(acc)  # read with the record, one step later
         return train_record(
             acc, outputs, step=self.step, epoch=self.stream.epoch, grad_norm=grad_norm,
             values=self._values_in_force(step, outputs), window=self._window.take(self.step),
@@ -299,6 +305,7 @@ class Distiller:
             "temperature": temperature,
             "alpha": float(value_at(self.alpha, step)),
             "lr": float(lr),
+            **self._nonfinite.record_fields(),  # nonfinite_steps under on_nonfinite="skip"
         }
 
     def _flush(self) -> dict | None:
@@ -310,11 +317,12 @@ class Distiller:
         self._logger.log(record)
         self._history.append(record)
         self._last_train = record
+        self._nonfinite.stop_if_seen(self._last_checkpoint)  # after logging the NaN it saw
         return record
 
     # ---- evaluation ----------------------------------------------------------------------
 
-    @explain_timeouts
+    @explain_failures
     def evaluate(self, data: Iterable | None = None) -> dict:
         """Means over ``data`` (default: ``eval_data``) of the task's ``eval_sums``, over all
         processes: ``loss``, ``accuracy`` (from ``correct``) and ``count`` for classifiers.
@@ -340,34 +348,19 @@ class Distiller:
         self._history: list[dict] = []
         self._pending: PendingRecord | None = None
 
-    def last_records(self) -> dict[str, Any]:
-        """The newest train record and evaluation, as a checkpoint stores them."""
-        evaluation = None
-        if self._eval_step is not None:
-            evaluation = {"step": self._eval_step, "metrics": self._eval_metrics}
-        return {"train": self._last_train or None, "eval": evaluation}
-
-    def restore_records(self, records: dict[str, Any] | None) -> None:
-        """Take back :meth:`last_records` from a checkpoint (so a resumed run that has no step
-        left reports what the uninterrupted one did)."""
-        records = records or {}
-        self._last_train = dict(records.get("train") or {})
-        evaluation = records.get("eval")
-        if evaluation is not None:
-            self._eval_step, self._eval_metrics = evaluation["step"], dict(evaluation["metrics"])
-
-    @explain_timeouts
+    @explain_failures
     def save_checkpoint(self) -> Path:
         """Write ``<output_dir>/checkpoints/step-<step>/`` (see :mod:`.checkpoint`) with the
         data position the next step will read; every process must call it, e.g. from a
         callback. Keeps the newest ``keep_last`` checkpoints."""
         if self.output_dir is None:
             raise ValueError("save_checkpoint needs output_dir; pass Distiller(output_dir=...)")
+        self._nonfinite.stop_before_saving(self.accelerator, self._last_checkpoint)
         self._last_checkpoint = save_training_state(self)
         self._saved_step = self.step
         return self._last_checkpoint
 
-    @explain_timeouts
+    @explain_failures
     def export_student(self, path: str | Path, *, config: dict | None = None) -> Path:
         """Write the student alone: ``<path>/model.safetensors`` and, when the student has a
         config (``config``, ``student_config``, or a Hugging Face ``model.config``),

@@ -16,6 +16,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from .._files import DiskFull
+from .failures import PeerLost, RunFailure, collective_name, peer_gone
+
 Method = TypeVar("Method", bound=Callable[..., Any])
 
 
@@ -56,31 +59,65 @@ def sum_over_processes(accelerator: Accelerator, sums: dict[str, float]) -> dict
     return total
 
 
-class CollectiveTimeout(RuntimeError):
+class CollectiveTimeout(RunFailure, RuntimeError):
     """A collective waited for the other processes until the process group's timeout."""
 
 
-def explain_timeouts(method: Method) -> Method:
-    """Decorate a Distiller method that runs collectives: a timeout in one of them (gloo raises
-    ``RuntimeError: ... Timed out waiting ...``) becomes a :class:`CollectiveTimeout` saying
-    what every process must do. NCCL's watchdog ends the process instead of raising."""
+def explain_failures(method: Method) -> Method:
+    """Decorate a Distiller method that runs collectives or writes files, so that it fails
+    with a message that says what happened and what is kept:
+
+    - a collective that timed out (gloo raises ``RuntimeError: ... Timed out waiting ...``)
+      becomes a :class:`CollectiveTimeout` saying what every process must do;
+    - a collective whose peer is gone (gloo: ``Connection closed by peer``: the process crashed
+      or was killed) becomes a :class:`PeerLost` naming the collective and the peer;
+    - a :class:`DiskFull` learns the last good checkpoint.
+
+    NCCL's watchdog ends the process instead of raising."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except CollectiveTimeout:
+        except DiskFull as error:
+            error.kept = error.kept or _kept(self._last_checkpoint)
+            raise
+        except RunFailure:
             raise
         except RuntimeError as error:
-            acc = self.accelerator
-            if acc.num_processes == 1 or "Timed out waiting" not in str(error):  # gloo's words
+            failure = _explained(self, method.__name__, error)
+            if failure is None:
                 raise
-            raise CollectiveTimeout(
-                f"Distiller.{method.__name__} on process {acc.process_index} of "
-                f"{acc.num_processes} waited for the other processes until the timeout: every "
-                "process must call fit, evaluate, save_checkpoint and export_student, in the "
-                "same order (a call on the main process alone waits for the others forever), "
-                f"and keep up with the others; {str(error).splitlines()[0]}"
-            ) from error
+            raise failure from error
 
     return wrapper  # type: ignore[return-value]
+
+
+def _explained(distiller: Any, name: str, error: RuntimeError) -> RunFailure | None:
+    acc = distiller.accelerator
+    if acc.num_processes == 1:
+        return None
+    where = f"Distiller.{name} on process {acc.process_index} of {acc.num_processes}"
+    collective = collective_name(error.__traceback__) or "a collective"
+    peer = peer_gone(error)
+    if peer is not None:
+        return PeerLost(
+            f"{where} lost another process in {collective} ({peer}): it crashed or was killed; "
+            f"stop every process and start them all again with resume; "
+            f"{_kept(distiller._last_checkpoint)}"
+        )
+    if "Timed out waiting" not in str(error):  # gloo's words
+        return None
+    return CollectiveTimeout(
+        f"{where} waited for the other processes until the timeout in {collective}: every "
+        "process must call fit, evaluate, save_checkpoint and export_student, in the same "
+        "order (a call on the main process alone waits for the others forever), and keep up "
+        "with the others (a frozen process looks the same; the timeout is 30 min, "
+        f"DK_COLLECTIVE_TIMEOUT_S changes it); {str(error).splitlines()[0]}"
+    )
+
+
+def _kept(checkpoint: Any) -> str:
+    if checkpoint is None:
+        return "no checkpoint was saved before it"
+    return f"the last good checkpoint is {checkpoint}"

@@ -12,7 +12,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-CHANGEABLE = ("train.output_dir", "train.progress", "train.save_every", "train.keep_last")
+CHANGEABLE = (
+    "train.output_dir", "train.progress", "train.save_every", "train.keep_last",
+    "train.on_nonfinite",  # a run stopped by a NaN may resume skipping such steps
+)  # fmt: skip
 GROWABLE = ("train.max_steps",)
 
 

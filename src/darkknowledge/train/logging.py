@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .._files import write_text
+from .._files import write_text, writing
 from .distributed import reduce_sum
 from .grad_meter import combine_grad_norms
 
@@ -42,8 +42,9 @@ class MetricLogger:
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a killed run keeps every line written so far
+        with writing(self.path):  # a full disk: DiskFull naming metrics.jsonl
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # a killed run keeps every line written so far
         if self._writer is not None:
             for name, value in record.items():
                 if (

@@ -11,6 +11,7 @@ config, another number of processes, more steps than ``max_steps``) is refused.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,20 @@ from .setup import student_config_dict
 
 def save_training_state(distiller: Any) -> Path:
     """Write ``<output_dir>/checkpoints/step-<step>/``; every process must call it. Under FSDP
-    the student and optimizer go to ``sharded/`` (see :mod:`.fsdp`), one shard per process."""
-    acc, output_dir = distiller.accelerator, distiller.output_dir
-    final = ckpt.checkpoint_dir(output_dir, distiller.step)
+    the student and optimizer go to ``sharded/`` (see :mod:`.fsdp`), one shard per process.
+    On a full disk the unfinished folder is deleted (its space given back) and
+    :class:`darkknowledge._files.DiskFull` names the file; the older checkpoints are intact."""
+    final = ckpt.checkpoint_dir(distiller.output_dir, distiller.step)
     temporary = final.with_name(f".tmp-{final.name}")
+    try:
+        return _save(distiller, final, temporary)
+    except _files.DiskFull:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def _save(distiller: Any, final: Path, temporary: Path) -> Path:
+    acc, output_dir = distiller.accelerator, distiller.output_dir
     sharded = fsdp.is_sharded(acc)
     if not sharded:
         student_state = acc.get_state_dict(distiller.student)  # a collective: all processes
@@ -82,8 +93,9 @@ def _state(distiller: Any, sharded: dict | None) -> dict[str, Any]:
         "world_size": acc.num_processes,
         "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         "config_hash": None if distiller.config is None else config_hash(distiller.config),
-        "records": distiller.last_records(),
+        "records": _last_records(distiller),
         "sharded": sharded,  # FSDP: {"optimizer": saved or not}; None: whole-state files
+        "nonfinite_steps": distiller._nonfinite.skipped,  # on_nonfinite="skip": steps skipped
     }
 
 
@@ -185,10 +197,32 @@ def _apply(distiller: Any, loaded: dict[str, Any]) -> None:
         acc.scaler.load_state_dict(state["scaler"])
     ckpt.set_rng_state(*loaded["rng"])
     distiller.step = state["step"]
+    distiller._nonfinite.skipped = state.get("nonfinite_steps", 0)
     distiller.stream = DataStream(
         distiller.train_data, acc, epoch=state["epoch"], index=state["batch_index"]
     )
-    distiller.restore_records(state.get("records"))
+    _restore_records(distiller, state.get("records"))
+
+
+def _last_records(distiller: Any) -> dict[str, Any]:
+    """The newest train record and evaluation, as a checkpoint stores them."""
+    evaluation = None
+    if distiller._eval_step is not None:
+        evaluation = {"step": distiller._eval_step, "metrics": distiller._eval_metrics}
+    return {"train": distiller._last_train or None, "eval": evaluation}
+
+
+def _restore_records(distiller: Any, records: dict[str, Any] | None) -> None:
+    """Take back :func:`_last_records` from a checkpoint (so a resumed run that has no step
+    left reports what the uninterrupted one did)."""
+    records = records or {}
+    distiller._last_train = dict(records.get("train") or {})
+    evaluation = records.get("eval")
+    if evaluation is not None:
+        distiller._eval_step, distiller._eval_metrics = (
+            evaluation["step"],
+            dict(evaluation["metrics"]),
+        )
 
 
 def export_weights(
