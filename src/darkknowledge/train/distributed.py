@@ -112,8 +112,8 @@ def _explained(distiller: Any, name: str, error: RuntimeError) -> RunFailure | N
         f"{where} waited for the other processes until the timeout in {collective}: every "
         "process must call fit, evaluate, save_checkpoint and export_student, in the same "
         "order (a call on the main process alone waits for the others forever), and keep up "
-        "with the others (a frozen process looks the same; the timeout is 30 min, "
-        f"DK_COLLECTIVE_TIMEOUT_S changes it); {str(error).splitlines()[0]}"
+        "with the others (a frozen process looks the same; DK_COLLECTIVE_TIMEOUT_S sets the "
+        f"timeout, 30 min by default); {str(error).splitlines()[0]}"
     )
 
 

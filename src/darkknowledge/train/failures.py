@@ -44,10 +44,14 @@ def peer_gone(error: BaseException) -> str | None:
 
 def collective_name(traceback: TracebackType | None) -> str | None:
     """The ``torch.distributed`` collective an error was raised in (``all_reduce``,
-    ``barrier``, ...): the outermost frame of ``distributed_c10d.py`` in the traceback."""
+    ``barrier``, ...: the outermost frame of ``distributed_c10d.py`` in the traceback), or
+    DDP's gradient all-reduce when the error came out of a backward pass; None if neither."""
+    in_backward = False
     while traceback is not None:
         code = traceback.tb_frame.f_code
-        if code.co_filename.replace("\\", "/").endswith("distributed/distributed_c10d.py"):
+        filename = code.co_filename.replace("\\", "/")
+        if filename.endswith("distributed/distributed_c10d.py"):
             return code.co_name
+        in_backward = in_backward or (code.co_name == "backward" and "/torch/" in filename)
         traceback = traceback.tb_next
-    return None
+    return "the gradient all-reduce of backward (DDP)" if in_backward else None

@@ -1,0 +1,131 @@
+"""Two ``dk distill`` processes (gloo on CPU) and one of them killed or frozen: the other exits
+with one line naming the collective and what happened, within seconds, instead of waiting
+forever."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from faultkit import DK, ENV
+
+from darkknowledge.train import checkpoint as ckpt
+from darkknowledge.train.failures import collective_name, peer_gone
+
+CONFIG = {
+    "teacher": {"hidden": [32], "train_steps": 0},
+    "student": {"hidden": [8]},
+    "data": {"name": "digits", "batch_size": 16, "eval_batch_size": 512},
+    "train": {"max_steps": 100_000, "save_every": 20, "log_every": 10, "progress": False},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(tmp_path: Path, timeout_s: str) -> tuple[list[subprocess.Popen], Path]:
+    """Both processes of a 2-process run, started by hand as a launcher would (no torchrun,
+    whose agent would stop the survivor itself)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    run, port = tmp_path / "run", str(_free_port())
+    processes = []
+    for rank in range(2):
+        env = {
+            **ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+            "DK_COLLECTIVE_TIMEOUT_S": timeout_s,
+        }  # fmt: skip
+        command = [*DK, "distill", str(config), f"train.output_dir={run}"]
+        output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        processes.append(subprocess.Popen(command, env=env, **output))
+    deadline = time.monotonic() + 240
+    while not ckpt.complete_checkpoints(run / "student") and time.monotonic() < deadline:
+        if any(p.poll() is not None for p in processes):
+            pytest.fail("a process ended before training: " + processes[0].communicate()[1][-2000:])
+        time.sleep(0.05)
+    return processes, run
+
+
+def _survivor_says(survivor: subprocess.Popen, within: float) -> tuple[float, str]:
+    start = time.monotonic()
+    try:
+        _, stderr = survivor.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        survivor.kill()
+        pytest.fail(f"the surviving process still waits {within} s after its peer was lost")
+    assert survivor.returncode == 1, stderr[-3000:]
+    return time.monotonic() - start, stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.faults
+def test_lost_process_killed_peer_is_named_within_seconds(tmp_path):
+    """Process 0 (which also hosts the rendezvous store) killed with SIGKILL mid-training."""
+    (victim, survivor), run = _launch(tmp_path, timeout_s="600")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    seconds, line = _survivor_says(survivor, within=30)
+    found = re.match(
+        r"^dk distill: error: Distiller\.fit on process 1 of 2 lost another process in "
+        r"(.+) \(Connection (closed|reset) by peer \[[\d.]+\]:\d+\): it crashed or was killed; "
+        r"stop every process and start them all again with resume; the last good checkpoint "
+        r"is (\S+)$",
+        line,
+    )
+    assert found, line
+    collectives = ("all_reduce", "barrier", "the gradient all-reduce of backward (DDP)")
+    assert found[1] in collectives, found[1]
+    assert Path(found[3]).parent == run / "student" / ckpt.CHECKPOINTS
+    ckpt.verify(Path(found[3]))
+    print(f"lost peer: the survivor exited {seconds:.1f} s after the kill: {line}")
+
+
+@pytest.mark.faults
+def test_lost_process_frozen_peer_times_out_with_a_clear_error(tmp_path):
+    """Process 1 frozen with SIGSTOP (a hung node: its connections stay open), a 5 s
+    collective timeout (DK_COLLECTIVE_TIMEOUT_S): process 0 stops after it."""
+    (survivor, frozen), _ = _launch(tmp_path, timeout_s="5")
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        seconds, line = _survivor_says(survivor, within=60)
+    finally:
+        frozen.kill()
+        frozen.communicate()
+    assert line.startswith(
+        "dk distill: error: Distiller.fit on process 0 of 2 waited for the other processes "
+        "until the timeout in "
+    ), line
+    assert "DK_COLLECTIVE_TIMEOUT_S sets the timeout, 30 min by default" in line
+    assert "Timed out waiting 5000ms" in line  # gloo's own words: the timeout given
+    print(f"frozen peer: the survivor exited {seconds:.1f} s after the freeze: {line}")
+
+
+def test_lost_process_error_inside_backward_is_ddps_gradient_all_reduce():
+    """DDP all-reduces gradients from autograd's engine: a peer lost then surfaces from
+    ``backward`` with no ``torch.distributed`` frame; it is named as such."""
+
+    class LosesItsPeer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, inputs):
+            return inputs.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:4242. This")
+
+    with pytest.raises(RuntimeError) as caught:
+        LosesItsPeer.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert (
+        collective_name(caught.value.__traceback__) == "the gradient all-reduce of backward (DDP)"
+    )
+    assert peer_gone(caught.value) == "Connection closed by peer [127.0.0.1]:4242"
