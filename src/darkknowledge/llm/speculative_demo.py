@@ -131,7 +131,14 @@ def run_speculative_demo(
     say(f"target samples: {recipe.samples:,} training and {recipe.heldout_samples} held-out")
     train_samples = samples(corpus.train, recipe.samples, recipe.seed, "train-samples")
     heldout_samples = samples(corpus.heldout, recipe.heldout_samples, recipe.seed + 1, "heldout")
-    heldout_batches = list(heldout_samples.split(64))
+    # Only the sampled tokens count: decoding drafts after a prompt, never inside it.
+    heldout_batches = [
+        {
+            "input_ids": rows,
+            "prompt_lengths": torch.full((rows.shape[0],), recipe.sample_prompt_length),
+        }
+        for rows in heldout_samples.split(64)
+    ]
     heldout_text = sequential_windows(corpus.heldout, block_size=block, batch_size=64)
     prompts = _prompts(corpus.heldout, recipe)
     store = _DraftStore(cache_dir, recipe, key)
@@ -253,7 +260,7 @@ def _score_draft(dk, target, draft, recipe, heldout_batches, heldout_text, promp
 def _score_mtp(dk, student, recipe, heldout_batches, heldout_text, prompts) -> dict:
     sampling = {"temperature": recipe.temperature, "greedy": recipe.greedy}
     rates_samples = _depth_rates(dk, student, heldout_batches, sampling)
-    rates_text = _depth_rates(dk, student, [b["input_ids"] for b in heldout_text], sampling)
+    rates_text = _depth_rates(dk, student, heldout_text, sampling)
     drafter = dk.mtp.MTPDrafter(student)
     measured = dk.speculative.measure_speedup(
         student.model, drafter, prompts, max_new_tokens=recipe.max_new_tokens,
@@ -269,9 +276,11 @@ def _depth_rates(dk, student, batches, sampling) -> list[float]:
 
     total, rows = None, 0
     for batch in batches:
-        rates = dk.mtp.depth_acceptance_rates(student, batch, shift_labels(batch), **sampling)
-        total = rates * batch.shape[0] if total is None else total + rates * batch.shape[0]
-        rows += batch.shape[0]
+        ids = batch["input_ids"]
+        labels = shift_labels(ids, prompt_lengths=batch.get("prompt_lengths"))
+        rates = dk.mtp.depth_acceptance_rates(student, ids, labels, **sampling)
+        total = rates * ids.shape[0] if total is None else total + rates * ids.shape[0]
+        rows += ids.shape[0]
     return (total / rows).tolist()
 
 

@@ -65,7 +65,8 @@ def format_tables(report: dict[str, Any]) -> str:
     loads = [value for pair in loads if pair for value in pair]
     load = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f}" if loads else ""
     lines.append(
-        "α offline: on held-out target samples, without decoding (MTP: the mean of the depths); "
+        "α offline: on the sampled tokens of held-out target samples, without decoding (MTP: "
+        "the mean of the depths); "
         "c: draft step / plain step; v: verification round outside the draft / plain step; "
         "predicted: expected_speedup(α offline, gamma, c) (MTP: per-depth rates); with v: v in "
         "place of its 1"
