@@ -64,7 +64,7 @@ class SpeculativeRecipe:
     mtp_steps: int = 1000
     gamma: int = 3
     max_new_tokens: int = 48
-    prompts: int = 8
+    prompts: int = 32
     prompt_length: int = 16
     repeats: int = 5
     temperature: float = 1.0
