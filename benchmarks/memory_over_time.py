@@ -9,6 +9,7 @@ evaluation every 1,000. 20 times the classifier demo's 1,500 student steps by de
     python benchmarks/memory_over_time.py                       # 30,000 steps, RSS
     python benchmarks/memory_over_time.py --tracemalloc         # and the Python heap
     python benchmarks/memory_over_time.py --steps 3000 --json out.json --no-plot   # the suite's
+    python benchmarks/memory_over_time.py --replot out.json    # draw the plot of a saved run
 
 The teacher is the preset's architecture, untrained (memory does not depend on its weights).
 Growth is judged on the steps after a warm-up (the first tenth: allocator pools, the first
@@ -22,10 +23,16 @@ anonymous and file-backed parts). The reader maps shards (``safe_open``) and kee
 ``darkknowledge.cache.reader._OPEN_SHARDS`` (16) open, so its RSS is bounded by 16 shards
 whatever the cache's size; ``--open-shards`` changes that number (a huge one shows what the
 bound prevents). ``--cgroup-limit-mb`` runs the reader in a memory cgroup (v1, as root) with
-that limit, which the cache exceeds several times:
+that limit, which the cache exceeds several times; ``--cold`` first drops the cache's files
+from the page cache (``posix_fadvise``), so that the reader's own page faults bring every page
+in and are charged to its cgroup (pages still cached from the writing would be charged to the
+writer):
 
     python benchmarks/memory_over_time.py cache --size-mb 64 --shard-mb 0.25 --no-plot
-    python benchmarks/memory_over_time.py cache --size-mb 4096 --shard-mb 16 --cgroup-limit-mb 512
+    python benchmarks/memory_over_time.py cache --size-mb 4096 --shard-mb 4 --every 256 \
+        --cgroup-limit-mb 512 --cold --json bounded.json
+    python benchmarks/memory_over_time.py cache ... --open-shards 1000000 --json unbounded.json
+    python benchmarks/memory_over_time.py --replot bounded.json --compare unbounded.json
 """
 
 from __future__ import annotations
@@ -125,6 +132,7 @@ def growth(samples: list[dict], key: str, warmup: float = 0.1) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
+    """RSS (and heap) over the steps; on the right, their change since the warm-up."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,22 +140,30 @@ def plot(result: dict, path: Path) -> None:
 
     from darkknowledge._files import save_figure
 
-    steps = [s["step"] for s in result["samples"]]
-    figure, axes = plt.subplots(figsize=(7, 3.6))
-    axes.plot(steps, [s["rss_mb"] for s in result["samples"]], label="resident set size (RSS)")
-    if "heap_mb" in result["samples"][0]:
-        axes.plot(steps, [s["heap_mb"] for s in result["samples"]],
-                  label="Python heap (tracemalloc)")  # fmt: skip
-    axes.axvline(0.1 * result["steps"], color="grey", linestyle=":", linewidth=1)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel("MiB")
-    axes.set_ylim(bottom=0)
-    axes.set_title(
-        f"dk distill digits_kd, {result['steps']:,} steps: RSS "
-        f"{result['growth']['rise_mb']:+.2f} MiB from the first to the last quarter",
+    samples = result["samples"]
+    steps = [s["step"] for s in samples]
+    keys = {"rss_mb": "resident set size (RSS)", "heap_mb": "Python heap (tracemalloc)"}
+    keys = {key: label for key, label in keys.items() if key in samples[0]}
+    warm = next(s for s in samples if s["step"] > 0.1 * result["steps"])
+    figure, (whole, change) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in keys.items():
+        whole.plot(steps, [s[key] for s in samples], label=label)
+        change.plot(steps, [s[key] - warm[key] for s in samples], label=label)
+    for axes in (whole, change):
+        axes.axvline(warm["step"], color="grey", linestyle=":", linewidth=1)
+        axes.set_xlabel("optimizer step")
+    whole.set_ylabel("MiB")
+    whole.set_ylim(bottom=0)
+    change.set_ylabel(f"MiB since step {warm['step']:,} (end of warm-up)")
+    change.legend(fontsize=8)
+    figure.suptitle(
+        f"digits_kd student stage, {result['steps']:,} steps: RSS "
+        f"{result['growth']['rise_mb']:+.2f} MiB from the first to the last quarter"
+        + (
+            f", heap {result['heap_growth']['rise_mb']:+.2f} MiB" if "heap_growth" in result else ""
+        ),
         fontsize=9,
     )
-    axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     save_figure(figure, path, dpi=120)
     plt.close(figure)
@@ -230,6 +246,12 @@ def measure_cache(args) -> dict:
     if not (folder / "manifest.json").exists():
         write_cache(folder, args.size_mb, args.shard_mb)
     manifest = json.loads((folder / "manifest.json").read_text())
+    if args.cold:  # out of the page cache: the reader's own reads bring every page in
+        for shard in manifest["shards"]:
+            descriptor = os.open(folder / shard["file"], os.O_RDONLY)
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(descriptor)
     command = [
         sys.executable,
         __file__,
@@ -276,7 +298,9 @@ def _cgroup(limit_mb: int) -> Path:
     return group
 
 
-def plot_cache(result: dict, path: Path) -> None:
+def plot_cache(result: dict, path: Path, unbounded: dict | None = None) -> None:
+    """The reader's memory against the MiB of cache read (and, given, a run that kept every
+    shard open)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,25 +308,30 @@ def plot_cache(result: dict, path: Path) -> None:
 
     from darkknowledge._files import save_figure
 
-    samples = result["samples"]
-    read = [s["entries"] / result["entries"] * result["cache_mb"] for s in samples]
-    figure, axes = plt.subplots(figsize=(7, 3.6))
-    axes.plot(read, read, color="grey", linestyle=":", label="cache read so far")
-    labels = {"rss_mb": "reader RSS", "anon_mb": "anonymous", "file_mb": "file-backed (mapped)"}
+    def read(run: dict) -> list[float]:
+        return [s["entries"] / run["entries"] * run["cache_mb"] for s in run["samples"]]
+
+    figure, axes = plt.subplots(figsize=(7.5, 4))
+    labels = {"rss_mb": "RSS", "anon_mb": "anonymous", "file_mb": "file-backed (mapped)"}
     for key, label in labels.items():
-        if key in samples[0]:
-            axes.plot(read, [s[key] for s in samples], label=label)
+        if key in result["samples"][0]:
+            axes.plot(read(result), [s[key] for s in result["samples"]],
+                      label=f"{label}, {result['open_shards']} shards open at most")  # fmt: skip
+    if unbounded is not None:
+        axes.plot(read(unbounded), [s["rss_mb"] for s in unbounded["samples"]], linestyle="--",
+                  color="grey", label="RSS with every shard kept open")  # fmt: skip
     if "cgroup" in result:
         axes.axhline(result["cgroup"]["limit_mb"], color="red", linewidth=1,
                      label="the reader's memory limit (cgroup)")  # fmt: skip
     axes.set_xlabel("MiB of the cache read")
     axes.set_ylabel("MiB")
+    axes.set_ylim(bottom=0)
     axes.set_title(
-        f"reading a {result['cache_mb']:,.0f} MiB teacher cache ({result['shards']} shards, "
-        f"{result['open_shards']} open at most): RSS +{result['rise_mb']['rss_mb']:.0f} MiB",
+        f"reading a {result['cache_mb']:,.0f} MiB teacher cache ({result['shards']} shards): "
+        f"RSS +{result['rise_mb']['rss_mb']:.0f} MiB",
         fontsize=9,
     )
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     save_figure(figure, path, dpi=120)
     plt.close(figure)
@@ -320,10 +349,21 @@ def main() -> None:
     parser.add_argument("--open-shards", type=int, help="cache: shards the reader keeps open")
     parser.add_argument("--cgroup-limit-mb", type=int, help="cache: the reader's memory cgroup")
     parser.add_argument("--folder", type=Path, help="cache: where it is (written if missing)")
+    parser.add_argument("--cold", action="store_true", help="cache: drop it from the page cache")
     parser.add_argument("--json", type=Path, help="write the samples and figures here")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--replot", type=Path, help="only draw the plot of a --json file")
+    parser.add_argument("--compare", type=Path, help="cache --replot: an unbounded run's json")
     args = parser.parse_args()
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        if "cache_mb" in result:
+            other = json.loads(args.compare.read_text()) if args.compare else None
+            plot_cache(result, args.plot or CACHE_PLOT, other)
+        else:
+            plot(result, args.plot or PLOT)
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     if args.mode == "read":  # the reader's own process (see cache_memory)
         print(json.dumps(read_cache(args.folder, args.every, args.open_shards)))

@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         if not _run_failure(error):
             raise
         print(f"dk {known.command}: error: {error}", file=sys.stderr)
+        if _collective_failure(error):  # a broken process group: gloo may abort its teardown
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FAILURE)
         return EXIT_FAILURE
     finally:
         _leave_process_group()
@@ -125,6 +129,11 @@ def _run_failure(error: Exception) -> bool:
         return True
     failures = sys.modules.get("darkknowledge.train.failures")
     return failures is not None and isinstance(error, failures.RunFailure)
+
+
+def _collective_failure(error: Exception) -> bool:
+    failures = sys.modules.get("darkknowledge.train.failures")
+    return failures is not None and isinstance(error, failures.CollectiveFailure)
 
 
 def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Namespace:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 from kill_harness import DK  # noqa: F401  (re-exported for the tests)
@@ -70,3 +72,20 @@ def kill_summary(attempts: list) -> dict:
         "cut_a_write": sum(a.left_temporary for a in kills),
         "seconds": round(sum(a.seconds for a in attempts), 1),
     }
+
+
+def launch_two(command: list[str], env: dict[str, str]) -> list[subprocess.Popen]:
+    """Both processes of a 2-process CPU run (gloo), started by hand as a launcher would (no
+    torchrun, whose agent would stop a survivor itself); stderr is piped."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    processes = []
+    for rank in range(2):
+        environment = {
+            **ENV, **env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        }  # fmt: skip
+        output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        processes.append(subprocess.Popen(command, env=environment, **output))
+    return processes

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +181,70 @@ def test_nonfinite_policy_is_checked():
         ValueError, match=r"on_nonfinite must be one of \('stop', 'skip'\), got 'ignore'"
     ):
         _distiller(student, teacher, _batches(2), on_nonfinite="ignore")
+
+
+def test_nonfinite_stop_names_the_first_of_several_bad_steps():
+    """Steps are looked at in bulk (every 64 steps, at log steps and before checkpoints): the
+    first non-finite step is named even when a later one follows, across a fold."""
+    student, teacher = _models()
+    run = _distiller(student, Poisoned(teacher, {30, 70}, _nan), _batches(100), log_every=100)
+    with pytest.raises(NonFiniteLoss, match=r"soft loss and hard loss|at step 30;") as caught:
+        run.fit()
+    assert "at step 30;" in str(caught.value)
+    student, teacher = _models()
+    run = _distiller(student, Poisoned(teacher, {70}, _nan), _batches(100), log_every=100)
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite soft loss \(NaN or Inf\) at step 70;"):
+        run.fit()
+
+
+NAN_DATA = """
+import torch
+from torch.utils.data import TensorDataset
+
+
+def make():
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(256, 8, generator=generator)
+    inputs[37] = float("nan")  # one bad example: it lands on one of the two processes
+    labels = torch.randint(4, (256,), generator=generator)
+    return TensorDataset(inputs, labels), TensorDataset(inputs[:64].nan_to_num(), labels[:64])
+"""
+
+
+@pytest.mark.faults
+def test_nonfinite_two_processes_stop_together_at_the_same_step(tmp_path):
+    """Two ``dk distill`` processes (gloo), a NaN example in one process's batch: both stop at
+    once with the same line (the earliest bad step over the processes), neither waits for the
+    other, and the checkpoints before it are intact."""
+    import subprocess
+
+    import yaml
+    from faultkit import DK, launch_two
+
+    (tmp_path / "nan_data.py").write_text(NAN_DATA)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"name": "nan_data:make", "batch_size": 16, "eval_batch_size": 64},
+        "teacher": {"hidden": [8], "train_steps": 0}, "student": {"hidden": [8]},
+        "train": {"max_steps": 40, "save_every": 2, "log_every": 5, "progress": False},
+    }))  # fmt: skip
+    run = tmp_path / "run"
+    processes = launch_two([*DK, "distill", str(config), f"train.output_dir={run}"], {})
+    lines = []
+    for process in processes:
+        try:
+            _, stderr = process.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail("a process still runs: the two did not stop together")
+        assert process.returncode == 1, stderr[-3000:]
+        lines.append(stderr.strip().splitlines()[-1])
+    assert lines[0] == lines[1], lines
+    found = re.match(r"^dk distill: error: non-finite (.+) \(NaN or Inf\) at step (\d+); .* "
+                     r"the last good checkpoint is (\S+); ", lines[0])  # fmt: skip
+    assert found and found[1] == "soft loss and hard loss", lines[0]
+    step = int(found[2])
+    assert Path(found[3]) == ckpt.latest_checkpoint(run / "student")
+    assert all(int(p.name.split("-")[1]) < step for p in ckpt.complete_checkpoints(run / "student"))
+    ckpt.verify(Path(found[3]))

@@ -1,9 +1,10 @@
 """The training loop (``Distiller``) and its parts: tasks, checkpoints, resume, signals,
-logging, the gradient meter."""
+logging, the gradient meter, and why a run stopped (``RunFailure`` and the full disk)."""
 
+from .._files import DiskFull
 from .checkpoint import CheckpointError
 from .distiller import Distiller, TrainResult
-from .distributed import CollectiveTimeout
+from .failures import CollectiveTimeout, NonFiniteLoss, PeerLost, RunFailure
 from .interrupts import Interrupted, Terminated
 from .task import ClassificationTask, Task, TaskOutput
 
@@ -11,8 +12,12 @@ __all__ = [
     "CheckpointError",
     "ClassificationTask",
     "CollectiveTimeout",
+    "DiskFull",
     "Distiller",
     "Interrupted",
+    "NonFiniteLoss",
+    "PeerLost",
+    "RunFailure",
     "Task",
     "TaskOutput",
     "Terminated",

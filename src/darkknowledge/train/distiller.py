@@ -229,7 +229,7 @@ class Distiller:
         if self.max_grad_norm is not None:
             grad_norm = acc.clip_grad_norm_(self._trainable_parameters(), self.max_grad_norm)
             grad_norm = full_tensor(grad_norm)  # FSDP2: a replicated DTensor
-        parameters = self._trainable_parameters()
+        parameters = self._trainable_parameters  # called only if "skip" needs a gradient norm
         skip = self._nonfinite.check_step(acc, step + 1, outputs, grad_norm, parameters)
         step_optimizer(self.optimizer, self._plain_steps, skip=skip)
         self.step += 1

@@ -17,7 +17,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .._files import DiskFull
-from .failures import PeerLost, RunFailure, collective_name, peer_gone
+from .failures import (
+    CollectiveTimeout,
+    PeerLost,
+    RunFailure,
+    collective_name,
+    peer_gone,
+)
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -57,10 +63,6 @@ def sum_over_processes(accelerator: Accelerator, sums: dict[str, float]) -> dict
         for name, value in part.items():
             total[name] = total.get(name, 0.0) + value
     return total
-
-
-class CollectiveTimeout(RunFailure, RuntimeError):
-    """A collective waited for the other processes until the process group's timeout."""
 
 
 def explain_failures(method: Method) -> Method:

@@ -1,4 +1,4 @@
-"""Why a training run stopped, said in one line: a non-finite loss, a lost process.
+"""Why a training run stopped, said in one line: a non-finite loss, a lost or stuck process.
 
 Every such error derives from :class:`RunFailure`; ``dk distill`` and ``dk train`` print its
 message as one line (``dk distill: error: ...``) and exit with 1. Each message says what is
@@ -21,8 +21,17 @@ class NonFiniteLoss(RunFailure, FloatingPointError):
     """A step's loss or gradients held NaN or Inf (``on_nonfinite="stop"``, the default)."""
 
 
-class PeerLost(RunFailure, RuntimeError):
+class CollectiveFailure(RunFailure, RuntimeError):
+    """A collective failed, so the process group is unusable: the process should end without
+    tearing it down (gloo may abort a process whose peers are gone), as ``dk`` does."""
+
+
+class PeerLost(CollectiveFailure):
     """Another process of a multi-process run is gone (crashed or killed) during a collective."""
+
+
+class CollectiveTimeout(CollectiveFailure):
+    """A collective waited for the other processes until the process group's timeout."""
 
 
 # gloo's words when the other end of a connection went away (the process died).
