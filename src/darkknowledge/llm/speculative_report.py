@@ -23,6 +23,15 @@ LABELS = {
 }
 
 
+SHORT = {
+    "data": "(a) data", "tvd": "(b) TVD", "forward_kl": "(b) forward KL",
+    "reverse_kl": "(b) reverse KL", "jsd": "(b) JSD", "on_policy_tvd": "(b) on-policy TVD",
+    "on_policy_forward_kl": "(b) on-policy FKL", "on_policy_reverse_kl": "(b) on-policy RKL",
+    "on_policy_jsd": "(b) on-policy JSD", "mtp_labels": "(c) MTP, labels",
+    "mtp_distilled": "(c) MTP, distilled",
+}  # fmt: skip
+
+
 def label(name: str) -> str:
     return LABELS.get(name, name)
 
@@ -89,8 +98,8 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
 
     names = list(report["rows"])
     rows = [report["rows"][n] for n in names]
-    positions = range(len(names))
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    positions = list(range(len(names)))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.38
     left.bar([p - width / 2 for p in positions], [r["alpha_offline_samples"] for r in rows],
              width, label="offline (held-out target samples)")  # fmt: skip
@@ -98,15 +107,19 @@ def plot_report(report: dict[str, Any], path: Path) -> None:
              width, label="in decoding")  # fmt: skip
     left.set_ylabel("acceptance rate")
     left.set_ylim(0, 1)
-    right.bar([p - width / 2 for p in positions], [r["speedup"] for r in rows], width,
-              label="measured")  # fmt: skip
-    right.bar([p + width / 2 for p in positions], [r["predicted_speedup_offline"] for r in rows],
-              width, label="predicted (α offline, measured c)")  # fmt: skip
+    width = 0.27
+    bars = (
+        ("speedup", "measured"),
+        ("predicted_speedup_offline", "predicted (α offline, c)"),
+        ("predicted_speedup_offline_with_verification", "predicted with v"),
+    )
+    for offset, (key, text) in zip((-width, 0.0, width), bars):
+        right.bar([p + offset for p in positions], [r[key] for r in rows], width, label=text)
     right.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     right.set_ylabel("speed-up over plain decoding")
     for axes in (left, right):
-        axes.set_xticks(list(positions))
-        axes.set_xticklabels([label(n).replace(", ", "\n") for n in names], fontsize=7)
+        axes.set_xticks(positions)
+        axes.set_xticklabels([SHORT.get(n, n) for n in names], rotation=30, ha="right", fontsize=8)
         axes.legend(fontsize=8)
     figure.suptitle("dk demo speculative: the llm demo's teacher as the target")
     figure.tight_layout()
