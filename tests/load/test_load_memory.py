@@ -64,7 +64,7 @@ def test_load_cache_larger_than_the_readers_bound_is_read_in_bounded_memory(tmp_
     16 shards stay open). With every shard kept open the same reading grows by about the
     cache's size: what the bound prevents, and proof that the measure can fail."""
     sys.path.insert(0, str(SCRIPT.parent))
-    from memory_over_time import write_cache
+    from cache_memory import write_cache
 
     folder = tmp_path / "cache"
     manifest = write_cache(folder, size_mb=64, shard_mb=0.25)
