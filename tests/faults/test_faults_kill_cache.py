@@ -71,7 +71,7 @@ def test_kill_cache_teacher_ends_with_the_uninterrupted_capture(tmp_path):
 
     command = [*DK, "cache-teacher", str(config)]
     on_disk = []
-    plan = random_plan(seed=5, kills=KILLS, max_delay=0.3, moments=("shard write",))
+    plan = random_plan(seed=5, kills=KILLS, max_delay=0.02, moments=("shard write",))
     with Zygote(ENV, MODULES) as zygote:  # each attempt a fork of a process that imported them
         attempts = run_with_kills(
             command, command, cache, plan, watch=CAPTURE, timeout=300, zygote=zygote,

@@ -106,7 +106,7 @@ def test_kill_on_policy_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path):
                            for stage in ("teacher", "student") if (killed / stage).exists()))  # fmt: skip
 
     rng = random.Random(3)  # generation, save, a delay, generation, ...: 7, 7 and 6
-    plan = [(Kill.at("generation"), Kill.in_save(), Kill.after(rng.uniform(0, 0.3)))[i % 3]
+    plan = [(Kill.at("generation"), Kill.in_save(), Kill.after(rng.uniform(0, 0.05)))[i % 3]
             for i in range(KILLS)]  # fmt: skip
     with Zygote({**ENV, MARKERS: str(markers)}, MODULES) as zygote:  # attempts are its forks
         attempts = run_with_kills(
