@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "demo": (
         "darkknowledge.commands.demo",
-        "run a self-contained demo: classifier (default) or llm",
+        "run a self-contained demo: classifier (default), llm, rlhf or speculative",
     ),
 }
 
