@@ -166,3 +166,29 @@ def test_cached_loader_shuffled_batches_carry_each_sequences_own_targets(
     dataset_order = [tuple(torch.as_tensor(e["input_ids"]).tolist()) for e in data]
     assert sorted(orders[0]) == sorted(dataset_order) and orders[0] != orders[1]
     assert orders[0] != dataset_order
+
+
+def test_cached_training_skips_the_id_check_only_for_a_verified_cache(full_cache, monkeypatch):
+    """A cache read with verify=True (ids checked at capture, shards by SHA-256) trains without
+    the sparse loss's per-call id check; verify=False keeps it. The losses are the same."""
+    from darkknowledge.losses import sparse
+
+    calls = []
+    check_ids = sparse._check_ids
+
+    def counted(ids, vocab):
+        calls.append(ids.shape)
+        check_ids(ids, vocab)
+
+    monkeypatch.setattr(sparse, "_check_ids", counted)
+    runs = {}
+    for verify in (True, False):
+        calls.clear()
+        loader = dk.cache.cached_loader(
+            dataset(), full_cache, batch_size=4, shuffle=False, num_workers=0
+        )
+        cache = dk.cache.TeacherCache(full_cache, verify=verify)
+        losses, _, _ = _fit(dk.cache.CachedTeacher(cache), loader, dk.llm.CachedCausalLMTask())
+        runs[verify] = (losses, len(calls))
+    assert runs[True][1] == 0 and runs[False][1] == 6  # one check a step when unverified
+    assert runs[True][0] == runs[False][0]

@@ -267,6 +267,63 @@ def test_sparse_kd_loss_errors_name_the_argument():
             call(**overrides)
 
 
+def test_sparse_kd_loss_check_ids_catches_bad_ids_by_default_and_only_when_asked():
+    student, labels = torch.randn(3, 10), torch.tensor([1, 2, 3])
+    ids, values = topk(torch.randn(3, 10), 4)
+    out_of_range, repeated = ids.clamp_max(3) * 4, ids.clone().fill_(2)
+    for bad, match in ((out_of_range, r"token ids in \[0, 10\)"), (repeated, "unique per")):
+        for function in (dk.sparse_kd_loss, _fused_on_identity):
+            with pytest.raises(ValueError, match=match):  # the default checks
+                function(student, bad, values, labels, alpha=0.5)
+    # check_ids=False skips the id checks (a repeated id is then counted twice, no error) ...
+    dk.sparse_kd_loss(student, repeated, values, labels, alpha=0.5, check_ids=False)
+    # ... but not the value checks, nor its own type check.
+    with pytest.raises(ValueError, match="log-probabilities"):
+        dk.sparse_kd_loss(student, ids, values.abs() + 1, labels, alpha=0.5, check_ids=False)
+    with pytest.raises(TypeError, match="check_ids must be a bool"):
+        dk.sparse_kd_loss(student, ids, values, labels, alpha=0.5, check_ids="no")
+
+
+def _fused_on_identity(student, ids, values, labels, **options):
+    """fused_linear_sparse_kd_loss with hidden = the logits and W = I: z = h Wᵀ = logits."""
+    weight = torch.eye(student.shape[-1], dtype=student.dtype)
+    return dk.fused_linear_sparse_kd_loss(student, weight, ids, values, labels, **options)
+
+
+@pytest.mark.parametrize("function", [dk.sparse_kd_loss, _fused_on_identity])
+@pytest.mark.parametrize("representation", ["topk", "sampled"])
+def test_sparse_kd_loss_check_ids_false_gives_the_same_loss_on_good_ids(function, representation):
+    """Good ids: the opt-out changes no value or gradient; both match the float64 reference."""
+    student = logits(4, 6, 23, dtype=torch.float64, seed=1).requires_grad_(True)
+    teacher = logits(4, 6, 23, dtype=torch.float64, seed=2)
+    labels = torch.randint(23, (4, 6), generator=torch.Generator().manual_seed(3))
+    ids, values = shuffled(*topk(teacher, 5, pad=2))
+    if representation == "sampled":
+        values = torch.randint(1, 4, values.shape, generator=torch.Generator().manual_seed(5))
+        values = values.double().masked_fill(ids < 0, 0.0)
+    results = []
+    for check_ids in (True, False):
+        loss = function(
+            student, ids, values, labels, alpha=0.7, representation=representation,
+            check_ids=check_ids,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(loss.total, student)
+        results.append((loss, grad))
+    (checked, checked_grad), (unchecked, unchecked_grad) = results
+    for a, b in zip(checked, unchecked, strict=True):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(checked_grad, unchecked_grad)
+    ref_student = student.detach().clone().requires_grad_(True)
+    expected = reference.sparse_kd(
+        ref_student, ids, values, labels, temperature=1.0, alpha=0.7, tail="bucket",
+        representation=representation,
+    )  # fmt: skip
+    for got, want in zip(unchecked, expected, strict=True):
+        torch.testing.assert_close(got.double().detach(), want.detach(), rtol=1e-10, atol=1e-12)
+    (ref_grad,) = torch.autograd.grad(expected[0], ref_student)
+    torch.testing.assert_close(unchecked_grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
 def test_docs_sparse_example_runs_as_written(tmp_path):
     script = doc_example("losses.md", "## Sparse teacher targets", tmp_path)
     namespace = runpy.run_path(str(script))

@@ -134,6 +134,8 @@ class CachedCausalLMTask(CausalLMTask):
             normalizer=normalizer,
             student_logit_scale=layer.logit_scale,
             student_softcap=layer.softcap,
+            # A verified cache's ids were checked at capture and its shards by SHA-256.
+            check_ids=not cache.verify,
             **options,
         )
         temperature = options["temperature"]

@@ -54,6 +54,7 @@ def sparse_kd_loss(
     reduction: str = "mean",
     normalizer: Normalizer = None,
     soft_scale: SoftScale = "T2",
+    check_ids: bool = True,
 ) -> KDLoss:
     """The distillation loss on sparse teacher targets, from the student's logits.
 
@@ -72,6 +73,12 @@ def sparse_kd_loss(
         tail: ``"bucket"`` (the mass left out is one more category) or ``"none"`` (dropped,
             both sides renormalised over the kept ids); ``"topk"`` only.
         reduction: ``"mean"`` or ``"sum"``.
+        check_ids: check that the ids are in ``[0, V)`` or ``-1`` and unique per position
+            (on CPU tensors only: a sort of the ``(N, k)`` ids per call, which costs more than
+            the loss at large ``k``). False skips it, for ids known to be good: a teacher cache
+            read with ``verify=True`` (its ids were checked when it was written, its shards are
+            checked by SHA-256). Bad ids are then not caught: an id ``>= V`` fails inside the
+            loss or reads a wrong logit, a repeated id counts twice.
 
     Returns:
         ``KDLoss(total, soft, hard)``, each ``()``; only ``total`` carries a gradient (computed
@@ -91,7 +98,9 @@ def sparse_kd_loss(
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     logits = student_logits.reshape(-1, vocab)  # (N, V)
     num_rows, dtype = logits.shape[0], common.math_dtype(logits)
-    options = SparseOptions(representation, temperature, alpha, tail, ignore_index, reduction)
+    options = SparseOptions(
+        representation, temperature, alpha, tail, ignore_index, reduction, check_ids
+    )
     prepared = options.prepare(
         teacher_ids, teacher_values, labels, mask, normalizer, soft_scale, leading_shape, vocab,
         dtype,
@@ -133,6 +142,7 @@ def fused_linear_sparse_kd_loss(
     student_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     vocab_size: int | None = None,
+    check_ids: bool = True,
 ) -> KDLoss:
     """:func:`sparse_kd_loss` on ``z = scale · (h Wᵀ + b)`` (then the optional softcap), chunk
     by chunk, never holding the ``(N, V)`` logits: the training loss from a teacher cache.
@@ -142,7 +152,8 @@ def fused_linear_sparse_kd_loss(
         student_weight: ``(V_s, H)`` its output layer; ``vocab_size`` cuts it to its first
             rows (padding rows get a zero gradient).
         teacher_ids, teacher_values, labels, representation, temperature, alpha, tail,
-            ignore_index, mask, reduction, normalizer, soft_scale: as in :func:`sparse_kd_loss`.
+            ignore_index, mask, reduction, normalizer, soft_scale, check_ids: as in
+            :func:`sparse_kd_loss`.
         student_bias, chunk_size, student_logit_scale, student_softcap: as in
             :func:`darkknowledge.fused_linear_kd_loss`.
 
@@ -163,7 +174,9 @@ def fused_linear_sparse_kd_loss(
     )  # fmt: skip
     hidden, head = student.hidden, student.head
     num_rows, dtype = hidden.shape[0], common.math_dtype(hidden)
-    options = SparseOptions(representation, temperature, alpha, tail, ignore_index, reduction)
+    options = SparseOptions(
+        representation, temperature, alpha, tail, ignore_index, reduction, check_ids
+    )
     prepared = options.prepare(
         teacher_ids, teacher_values, labels, mask, normalizer, soft_scale,
         student.leading_shape, head.weight.shape[0], dtype,
@@ -188,6 +201,7 @@ class SparseOptions:
     tail: str
     ignore_index: int
     reduction: str
+    check_ids: bool = True
 
     def __post_init__(self) -> None:
         if self.representation not in REPRESENTATIONS:
@@ -206,6 +220,8 @@ class SparseOptions:
             )
         _checks.check_unit_interval(self.alpha, "alpha")
         common.check_reduction(self.reduction)
+        if not isinstance(self.check_ids, bool):
+            raise TypeError(f"check_ids must be a bool, got {self.check_ids!r}")
 
     def prepare(
         self, teacher_ids, teacher_values, labels, mask, normalizer, soft_scale, leading_shape,
@@ -242,8 +258,9 @@ class SparseOptions:
             temperature = temperature.to(dtype).expand(leading_shape).reshape(num_rows, 1)
             scale = temperature.square() if soft_scale == "T2" else scale
         teacher = _sparse_teacher(
-            teacher_ids, teacher_values, leading_shape, vocab, dtype, self.representation
-        )
+            teacher_ids, teacher_values, leading_shape, vocab, dtype, self.representation,
+            check_ids=self.check_ids,
+        )  # fmt: skip
         normalizer = common.normalizer_for(self.reduction, normalizer, valid, num_rows, dtype)
         return _Prepared(self, teacher, labels, valid, temperature, self.alpha * scale, normalizer)
 
@@ -273,9 +290,12 @@ def _sparse_teacher(
     vocab: int,
     dtype: torch.dtype,
     representation: str,
+    *,
+    check_ids: bool = True,
 ) -> SparseTeacher:
     """Checked ``(N, k)`` ids (padding pointed at a kept id of its row), values in the math
-    dtype, and the kept mask. Value checks on CPU only (no host sync elsewhere)."""
+    dtype, and the kept mask. Value checks on CPU only (no host sync elsewhere); the ids' range
+    and uniqueness only with ``check_ids``."""
     for name, tensor, dtypes in (
         ("teacher_ids", ids, ID_DTYPES),
         ("teacher_values", values, VALUE_DTYPES),
@@ -299,14 +319,17 @@ def _sparse_teacher(
     values = values.reshape(ids.shape).to(dtype)
     kept = ids >= 0
     if ids.device.type == "cpu":
-        _check_values(ids, values, kept, vocab, representation)
+        if check_ids:
+            _check_ids(ids, vocab)
+        _check_values(values, kept, representation)
     # Padding points at the row's first kept id (any id of the row would do, and its value is
     # ignored); a row without kept ids points at 0.
     first = ids.gather(-1, kept.to(torch.uint8).argmax(-1, keepdim=True)).clamp_min(0)
     return SparseTeacher(torch.where(kept, ids, first), values, kept)
 
 
-def _check_values(ids, values, kept, vocab: int, representation: str) -> None:
+def _check_ids(ids: torch.Tensor, vocab: int) -> None:
+    """``(N, k)`` ids in ``[0, vocab)`` or -1, unique per row but for the padding."""
     bad = (ids < -1) | (ids >= vocab)
     if bool(bad.any()):
         raise ValueError(
@@ -320,6 +343,10 @@ def _check_values(ids, values, kept, vocab: int, representation: str) -> None:
             f"teacher_ids must be unique per position (padding -1 excepted); position {row} "
             f"repeats id {int(ordered[row, 1:][repeated[row]][0])}"
         )
+
+
+def _check_values(values: torch.Tensor, kept: torch.Tensor, representation: str) -> None:
+    """The kept values are log-probabilities (topk) or sample counts (sampled)."""
     real = values[kept]
     if representation == "topk":
         wrong = torch.isnan(real) | (real > 1e-3)
