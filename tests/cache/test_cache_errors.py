@@ -219,3 +219,41 @@ def test_write_teacher_cache_bad_examples_name_the_index(tmp_path, example, mess
     dataset = [{"input_ids": [3, 4, 5], "id": "a"}, example]
     with pytest.raises((ValueError, TypeError), match=message):
         dk.cache.write_teacher_cache(teacher(), dataset, tmp_path, k=2, progress=False)
+
+
+def _repeat_an_id(ids):
+    ids[..., :2] = 7  # slots 0 and 1 hold the same id
+    return ids
+
+
+def _id_out_of_vocabulary(ids):
+    ids[..., 0] = 40  # the teacher's vocabulary is 40
+    return ids
+
+
+class _BadTopkBackend(dk.cache.HuggingFaceBackend):
+    """A backend whose top-k ids are broken by ``damage`` (a serving engine with a bug)."""
+
+    def __init__(self, model, damage):
+        super().__init__(model)
+        self.damage = damage
+
+    def topk(self, input_ids, attention_mask, *, k, temperature):
+        ids, values = super().topk(input_ids, attention_mask, k=k, temperature=temperature)
+        return self.damage(ids.clone()), values
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_repeat_an_id, "returned the same token id twice at a valid position"),
+        (_id_out_of_vocabulary, r"returned token ids outside \[0, 40\)"),
+    ],
+)
+def test_write_teacher_cache_refuses_bad_topk_ids_from_a_backend(tmp_path, damage, message):
+    """Training from a verified cache does not check the ids again, so the capture must."""
+    with pytest.raises(ValueError, match=message):
+        dk.cache.write_teacher_cache(
+            teacher(), ragged_dataset(3), tmp_path, k=4, progress=False,
+            backend=lambda model: _BadTopkBackend(model, damage),
+        )  # fmt: skip

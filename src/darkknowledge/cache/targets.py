@@ -87,6 +87,13 @@ def _capture_batch(
         )
     if request.representation == "sampled":
         ids, values = unique_counts(ids)
+    else:  # checked once here, so that training from a verified cache need not check again
+        ordered = ids.sort(dim=-1).values
+        if bool((ordered[..., 1:] == ordered[..., :-1])[mask].any()):
+            raise ValueError(
+                f"{type(backend).__name__}.topk returned the same token id twice at a valid "
+                "position; top-k ids must be distinct"
+            )
     return ids, values, mask
 
 
