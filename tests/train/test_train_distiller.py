@@ -348,3 +348,12 @@ def test_distiller_transfer_set_option_matches_a_reference_update():
         torch.testing.assert_close(
             distiller.student.state_dict()[name], expected, rtol=1e-5, atol=1e-6
         )
+
+
+def test_task_protocol_is_the_documented_methods_and_every_task_satisfies_it():
+    """The Task protocol lists the methods the Distiller calls (it once also held a copy of
+    ClassificationTask's private transfer-set helper, which no causal-LM task has)."""
+    from darkknowledge.train.task import Task
+
+    for task in (dk.ClassificationTask(), dk.llm.CausalLMTask(), dk.llm.CachedCausalLMTask()):
+        assert isinstance(task, Task), type(task).__name__

@@ -72,20 +72,6 @@ class Task(Protocol):
         grad_meter: bool,
     ) -> TaskOutput: ...
 
-    def _transfer_set_loss(
-        self, logits, teacher_logits, labels, *, temperature, alpha, kd_options, normalizer
-    ) -> KDLoss:
-        """Soft term over every example, hard term over the labelled ones, both divided by
-        ``normalizer`` (the number of examples)."""
-        options = {**kd_options, "normalizer": normalizer}
-        soft = kd_loss(logits, teacher_logits, None, temperature=temperature, alpha=1.0, **options)
-        # alpha = 0 gives the hard term alone, summed over labelled examples / all examples.
-        hard = kd_loss(
-            logits, teacher_logits, labels, temperature=1.0, alpha=0.0,
-            ignore_index=self.ignore_index, normalizer=normalizer,
-        )  # fmt: skip
-        return KDLoss(alpha * soft.total + (1.0 - alpha) * hard.hard, soft.soft, hard.hard)
-
     def eval_sums(self, student: torch.nn.Module, batch: Any) -> dict[str, float]: ...
 
 
