@@ -1,15 +1,20 @@
-"""Atomic file writes: the one place darkknowledge puts a file on disk.
+"""Atomic file writes: the one place darkknowledge puts a file on disk, fsyncs it or checksums it.
 
 Every writer goes through :func:`atomic_path`: the content is written to a temporary file in
 the same folder and renamed onto the target, so a crash or a reader never sees half a file.
-A full disk (or quota) while writing raises :class:`DiskFull`, naming the file.
+A full disk (or quota) while writing raises :class:`DiskFull`, naming the file. Where a power
+cut must not lose a write (checkpoints, cache shards), :func:`fsync_file` and
+:func:`fsync_folder` put the data and the rename on disk; :func:`file_sha256` and
+:func:`file_crc32` checksum what was written.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +22,8 @@ from typing import Any
 
 # ENOSPC: no space left on device; EDQUOT: disk quota exceeded.
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Files are checksummed in pieces of this size, so that a large one never sits in memory.
+_READ_BYTES = 8 * 2**20
 
 
 class DiskFull(OSError):
@@ -109,3 +116,65 @@ def save_figure(figure: Any, path: str | os.PathLike, **savefig_options: Any) ->
     with atomic_path(path) as temporary:
         figure.savefig(temporary, **savefig_options)
     return Path(path)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (cache shards and manifests): fsync the
+    file before the rename, and the folder after it, so a crash leaves the old state or the
+    whole new file."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_folder(path.parent)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Put a written file's data on disk (for files written by another library, e.g.
+    safetensors, whose handle we never see)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """fsync a folder, so that the names in it (a rename) are on disk. Not every platform
+    can open a folder (Windows cannot); there the rename is as durable as the OS makes it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file, read in 8 MiB pieces.
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "abc"
+    >>> _ = target.write_bytes(b"abc")
+    >>> file_sha256(target)[:16], file_crc32(target) == zlib.crc32(b"abc")
+    ('ba7816bf8f01cfea', True)
+    """
+    hasher = hashlib.sha256()
+    for piece in _pieces(path):
+        hasher.update(piece)
+    return hasher.hexdigest()
+
+
+def file_crc32(path: str | os.PathLike) -> int:
+    """CRC-32 of a file (as ``zlib.crc32``), read in 8 MiB pieces."""
+    value = 0
+    for piece in _pieces(path):
+        value = zlib.crc32(piece, value)
+    return value
+
+
+def _pieces(path: str | os.PathLike) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while piece := handle.read(_READ_BYTES):
+            yield piece

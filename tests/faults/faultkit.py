@@ -11,8 +11,8 @@ from pathlib import Path
 
 from kill_harness import DK  # noqa: F401  (re-exported for the tests)
 
+from darkknowledge._files import file_sha256
 from darkknowledge.cache.manifest import MANIFEST, read_manifest
-from darkknowledge.cache.shards import file_sha256
 from darkknowledge.train import checkpoint as ckpt
 
 THROUGHPUT = ("steps_per_s", "positions_per_s", "seconds")

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from .._files import DiskFull
+from .._files import DiskFull, file_sha256, write_durably
 from ..losses._checks import check_temperature
 from . import manifest as manifest_file
 from ._processes import Processes, barrier, capture_processes, sum_over_processes
@@ -33,14 +33,12 @@ from .backends import CaptureBackend, HuggingFaceBackend
 from .hashing import fingerprint, read_example, tokenizer_hash
 from .shards import (
     encode_ids,
-    file_sha256,
     header_length,
     id_encoding,
     read_header,
     serialize_shard,
     shard_info,
     shard_name,
-    write_durably,
 )
 from .targets import Request, capture_sequences
 

@@ -20,9 +20,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load
 
+from .._files import file_sha256
 from .hashing import content_hash
 from .manifest import check_compatible, read_manifest
-from .shards import decode_ids, file_sha256, read_header, shard_info
+from .shards import decode_ids, read_header, shard_info
 
 # Open shards kept at once (memory maps); older ones are closed first.
 _OPEN_SHARDS = 16

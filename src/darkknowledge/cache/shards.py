@@ -15,9 +15,7 @@ the header themselves first, so that anything that is not a safetensors file (a 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -25,13 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from .._files import atomic_path
-
 METADATA_KEY = "darkknowledge"
 TENSORS = ("ids", "offsets", "values")
 # safetensors refuses headers above 100 MB; a larger one is not a shard of ours.
 _MAX_HEADER_BYTES = 100_000_000
-_READ_BYTES = 8 * 2**20
 
 
 def id_encoding(vocab_size: int) -> str:
@@ -91,39 +86,6 @@ def serialize_shard(
 def header_length(data: bytes) -> int:
     """Bytes of the safetensors header, 8-byte length prefix included."""
     return 8 + struct.unpack("<Q", data[:8])[0]
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (shards and manifests): fsync the file before the rename,
-    and the folder after it, so a crash leaves the old state or the whole new file."""
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    fsync_folder(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file, read in 8 MB pieces."""
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while piece := handle.read(_READ_BYTES):
-            hasher.update(piece)
-    return hasher.hexdigest()
 
 
 def read_header(path: Path) -> tuple[bytes, dict[str, Any]]:

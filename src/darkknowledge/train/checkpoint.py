@@ -30,14 +30,13 @@ import json
 import os
 import re
 import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .._files import writing
+from .._files import file_crc32, fsync_file, fsync_folder, writing
 from .tree import (  # noqa: F401  (re-exported: the checkpoint format's helpers)
     decode_tree,
     encode_tree,
@@ -102,21 +101,21 @@ def write_json(path: Path, obj: Any) -> None:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     with writing(path):  # safetensors reports a full disk as its own error: made a DiskFull
         save_file(tensors, str(path))
-        _fsync_file(path)
+        fsync_file(path)
 
 
 def finish(temporary: Path, final: Path) -> Path:
     """Write the manifest of every file in ``temporary``, then publish it as ``final``."""
     files = sorted(p for p in temporary.rglob("*") if p.is_file())
     manifest = {
-        name: {"bytes": p.stat().st_size, "crc32": _crc32(p)}
+        name: {"bytes": p.stat().st_size, "crc32": file_crc32(p)}
         for p in files
         if (name := p.relative_to(temporary).as_posix()) != MANIFEST
     }
     write_json(temporary / MANIFEST, manifest)
     for folder in sorted(p for p in temporary.rglob("*") if p.is_dir()):
-        _fsync_dir(folder)  # sub-folders (FSDP's sharded/) hold names too
-    _fsync_dir(temporary)
+        fsync_folder(folder)  # sub-folders (FSDP's sharded/) hold names too
+    fsync_folder(temporary)
     publish(temporary, final)
     return final
 
@@ -132,7 +131,7 @@ def publish(temporary: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(temporary, final)
-    _fsync_dir(final.parent)
+    fsync_folder(final.parent)
 
 
 def prune(output_dir: str | os.PathLike, keep_last: int | None) -> list[Path]:
@@ -171,7 +170,7 @@ def verify(path: Path) -> None:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted: {size} bytes, {expected['bytes']} were written"
             )
-        if _crc32(file) != expected["crc32"]:
+        if file_crc32(file) != expected["crc32"]:
             raise CheckpointError(
                 f"checkpoint file {file} is corrupted: its CRC-32 differs from the one written"
             )
@@ -193,34 +192,3 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
         raise CheckpointError(f"checkpoint file {path} is corrupted: {error}") from None
-
-
-# ---- helpers -----------------------------------------------------------------------------
-
-
-def _crc32(path: Path, block: int = 1 << 22) -> int:
-    value = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            value = zlib.crc32(chunk, value)
-    return value
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a folder, so that the names in it (a rename) are on disk. Not every platform
-    can open a folder (Windows cannot); there the rename is as durable as the OS makes it."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
