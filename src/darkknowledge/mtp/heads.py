@@ -99,9 +99,11 @@ Chooser = Callable[[torch.Tensor], torch.Tensor]
 
 
 class MTPHeads(nn.Module):
-    """What both forms share: checks, the depth loop, the spec they are saved with.
+    """What both forms share: checks, one layer per depth, the depth loop, the spec they are
+    saved with.
 
-    Subclasses set ``kind``, ``needs_embeddings`` and implement :meth:`step`.
+    Subclasses set ``kind``, ``needs_embeddings`` and implement :meth:`new_layer` (built once per
+    depth, as ``self.layers``) and :meth:`step`.
     """
 
     kind: str = ""
@@ -127,6 +129,11 @@ class MTPHeads(nn.Module):
             raise ValueError(f"eps must be a float in (0, 1), got {eps!r}")
         self.hidden_size, self.num_depths = hidden_size, num_depths
         self.intermediate_size, self.norm, self.eps = intermediate_size, norm, float(eps)
+        self.layers = nn.ModuleList(self.new_layer() for _ in range(num_depths))
+
+    def new_layer(self) -> nn.Module:
+        """One depth's module, freshly initialised (called ``num_depths`` times)."""
+        raise NotImplementedError
 
     def spec(self) -> dict[str, Any]:
         """The constructor arguments, JSON-able: ``heads_from_spec(heads.spec())`` rebuilds it."""
@@ -231,22 +238,8 @@ class ParallelMTPHeads(MTPHeads):
     kind = "parallel"
     needs_embeddings = False
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_depths: int,
-        *,
-        intermediate_size: int | None = None,
-        norm: str = "layer",
-        eps: float = 1e-5,
-    ) -> None:
-        super().__init__(
-            hidden_size, num_depths, intermediate_size=intermediate_size, norm=norm, eps=eps
-        )
-        self.layers = nn.ModuleList(
-            ResidualMLP(hidden_size, self.intermediate_size, norm, self.eps)
-            for _ in range(num_depths)
-        )
+    def new_layer(self) -> nn.Module:
+        return ResidualMLP(self.hidden_size, self.intermediate_size, self.norm, self.eps)
 
     def step(self, depth, trunk, previous, embedding):
         return self.layers[depth - 1](trunk)
@@ -279,15 +272,18 @@ class SequentialMTPModules(MTPHeads):
         norm: str = "layer",
         eps: float = 1e-5,
     ) -> None:
+        if embedding_size is not None:  # the default, hidden_size, is checked by MTPHeads
+            _check_positive_int(embedding_size, "embedding_size")
+        # A plain int may be set before nn.Module.__init__; MTPHeads.__init__ builds the
+        # layers, and new_layer reads it.
+        self.embedding_size = hidden_size if embedding_size is None else embedding_size
         super().__init__(
             hidden_size, num_depths, intermediate_size=intermediate_size, norm=norm, eps=eps
         )
-        embedding_size = hidden_size if embedding_size is None else embedding_size
-        _check_positive_int(embedding_size, "embedding_size")
-        self.embedding_size = embedding_size
-        self.layers = nn.ModuleList(
-            MTPModule(hidden_size, embedding_size, self.intermediate_size, norm, self.eps)
-            for _ in range(num_depths)
+
+    def new_layer(self) -> nn.Module:
+        return MTPModule(
+            self.hidden_size, self.embedding_size, self.intermediate_size, self.norm, self.eps
         )
 
     def spec(self) -> dict[str, Any]:
