@@ -192,3 +192,33 @@ def test_cached_training_skips_the_id_check_only_for_a_verified_cache(full_cache
         runs[verify] = (losses, len(calls))
     assert runs[True][1] == 0 and runs[False][1] == 6  # one check a step when unverified
     assert runs[True][0] == runs[False][0]
+
+
+def test_cached_training_cuts_a_student_vocabulary_padded_beyond_the_cache(tmp_path):
+    """A cache of a 250-token vocabulary and a student whose output layer is it padded to 256
+    rows (before: refused as another vocabulary): the loss and gradient are those of the same
+    student without its padding rows, as the live task cuts a padded layer."""
+    data = dataset()  # ids < 40 <= 250
+    folder = tmp_path / "cache"
+    dk.cache.write_teacher_cache(teacher(250), data, folder, k=4, progress=False)
+    padded, unpadded = (
+        tiny_gpt2(5, n_embd=8, vocab_size=256),
+        tiny_gpt2(5, n_embd=8, vocab_size=250),
+    )
+    with torch.no_grad():  # the same model: its first 250 embedding (= output) rows
+        for name, param in unpadded.named_parameters():
+            param.copy_(dict(padded.named_parameters())[name][: param.shape[0]])
+    batch = next(iter(dk.cache.cached_loader(data, folder, batch_size=4, num_workers=0)))
+    task, cached = dk.llm.CachedCausalLMTask(), dk.cache.CachedTeacher(folder)
+    targets = task.teacher_outputs(cached, batch)
+    loss_fn = dk.DistillationLoss(temperature=2.0, alpha=0.5)
+
+    def loss_and_grads(student):
+        out = task.compute_loss(student, batch, targets, loss_fn=loss_fn, step=0)
+        return out.loss.total, torch.autograd.grad(out.loss.total, list(student.parameters()))
+
+    (cut, cut_grads), (whole, whole_grads) = loss_and_grads(padded), loss_and_grads(unpadded)
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-7)
+    for got, want in zip(cut_grads, whole_grads):
+        torch.testing.assert_close(got[: want.shape[0]], want, rtol=1e-5, atol=1e-7)
+    assert not cut_grads[0][250:].any()  # the padding rows get no gradient: they were cut

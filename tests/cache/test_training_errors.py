@@ -108,3 +108,18 @@ def test_cached_task_refuses_other_divergences_and_tails(cache_folder):
             student, dk.cache.CachedTeacher(cache_folder), _loader(cache_folder),
             loss_options={"divergence": "jsd"},
         )  # fmt: skip
+
+
+def test_cached_training_refuses_a_student_larger_than_its_padding(cache_folder):
+    """A student of 64 rows is not the cache's 40 padded (at most 1/16 more): refused with both
+    sizes; so is an explicit vocab_size other than the cache's."""
+    with pytest.raises(ValueError, match=r"vocab_size is 40 in the cache, 64 here"):
+        _fit(
+            tiny_gpt2(0, n_embd=8, vocab_size=64), dk.cache.CachedTeacher(cache_folder),
+            _loader(cache_folder),
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"vocab_size is 40 in the cache, 32 here"):
+        _fit(
+            tiny_gpt2(0, n_embd=8, vocab_size=VOCAB), dk.cache.CachedTeacher(cache_folder),
+            _loader(cache_folder), task=dk.llm.CachedCausalLMTask(vocab_size=32),
+        )  # fmt: skip

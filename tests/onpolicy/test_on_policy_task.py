@@ -155,3 +155,61 @@ def test_on_policy_batches_without_prompts_are_refused():
         task.prepare_batch(tiny_gpt2(0), {"input_ids": torch.randint(VOCAB, (2, 6))}, step=0)
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
         OnPolicyTask(fraction=1.5)
+
+
+def _gpt2(seed: int, vocab: int, n_embd: int = 16):
+    """A tiny GPT-2 of another vocabulary than the kit's (nothing downloaded, dropout off)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=32, n_embd=n_embd, n_layer=1, n_head=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize(
+    ("student_vocab", "teacher_vocab", "vocab_size"),
+    [(256, 250, None), (64, 40, 40), (40, 40, 32)],  # padded student; explicit cuts
+)
+def test_on_policy_student_vocabulary_beyond_the_kept_one_is_refused(
+    student_vocab, teacher_vocab, vocab_size
+):
+    """The student samples from all of its rows: ids the teacher cannot embed (before: an
+    IndexError from the teacher's embedding, when such an id was drawn) or that the loss cuts
+    away. Refused on the first sampled step, whatever was drawn, naming both sizes."""
+    student, teacher = _gpt2(0, student_vocab), _gpt2(1, teacher_vocab, n_embd=24)
+    batches = prompt_batches(1)
+    kept = vocab_size or teacher_vocab
+    message = rf"output layer of {student_vocab} rows, .* has {teacher_vocab} rows and the loss keeps the first {kept} ids"
+    task = OnPolicyTask(fraction=1.0, vocab_size=vocab_size)
+    with pytest.raises(ValueError, match=message):
+        dk.Distiller(
+            student, teacher, batches, task=task, temperature=2.0, max_steps=1, progress=False
+        ).fit()
+
+
+@pytest.mark.parametrize("objective", ["divergence", "sampled_reverse_kl"])
+def test_on_policy_teacher_padded_beyond_the_student_is_cut(objective):
+    """A teacher whose output layer is the student's 250 ids padded to 256: the sampled step's
+    loss and gradient are those of the same teacher without its padding rows."""
+    student, padded = _gpt2(0, 250), _gpt2(1, 256, n_embd=24)
+    unpadded = _gpt2(1, 250, n_embd=24)
+    with torch.no_grad():  # the same teacher: its first 250 embedding (= output) rows
+        for name, param in unpadded.named_parameters():
+            param.copy_(dict(padded.named_parameters())[name][: param.shape[0]])
+    task = OnPolicyTask(objective=objective)
+    batch = {**prompt_batches(1)[0]}
+    sampled = task.prepare_batch(student, batch, step=0)
+    loss_fn = dk.DistillationLoss(temperature=2.0, alpha=0.5, divergence="reverse_kl")
+
+    def loss_and_grads(teacher):
+        outputs = dk.train.task.frozen_outputs(task, teacher, sampled)
+        out = task.compute_loss(student, sampled, outputs, loss_fn=loss_fn, step=0)
+        return out.loss.total, torch.autograd.grad(out.loss.total, list(student.parameters()))
+
+    (cut, cut_grads), (whole, whole_grads) = loss_and_grads(padded), loss_and_grads(unpadded)
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-7)
+    for got, want in zip(cut_grads, whole_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

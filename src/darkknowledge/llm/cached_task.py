@@ -25,11 +25,12 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..losses import KDLoss
 from ..losses.fused import DEFAULT_CHUNK_SIZE
 from ..losses.sparse import TAILS, fused_linear_sparse_kd_loss
-from ..train.task import TaskOutput
-from .heads import last_hidden_states, output_layer
-from .task import CausalLMTask, _on_device
+from .heads import OutputLayer
+from .task import CausalLMTask
+from .vocab import is_padding
 
 # The batch keys of the cached targets (written by dk.cache.cached_loader's collator).
 TEACHER_IDS, TEACHER_VALUES = "teacher_ids", "teacher_values"
@@ -54,8 +55,9 @@ class CachedCausalLMTask(CausalLMTask):
             category on both sides) or ``"none"`` (dropped, both sides renormalised over the
             kept ids); sampled caches ignore it. See docs/losses.md.
         chunk_size, ignore_index, vocab_size: as :class:`CausalLMTask`. The cache must have
-            been captured for the student's vocabulary (``vocab_size`` when given, else the
-            rows of its output layer).
+            been captured for the student's vocabulary: ``vocab_size`` when given, else the
+            rows of its output layer, or fewer when those rows are the cache's vocabulary
+            padded to a multiple of a power of two (the padding rows are cut).
 
     Without a teacher (``dk.Distiller(..., teacher=None)``) it trains on labels alone, exactly
     as :class:`CausalLMTask`; the targets in the batch are then unused.
@@ -98,27 +100,23 @@ class CachedCausalLMTask(CausalLMTask):
             )
         return SparseTargets(ids, values, cache)
 
-    def compute_loss(
+    def distillation_loss(
         self,
-        student: nn.Module,
+        hidden: torch.Tensor,
+        layer: OutputLayer,
+        labels: torch.Tensor,
         batch: Any,
-        teacher_outputs: SparseTargets | None,
+        teacher_outputs: SparseTargets,
         *,
-        loss_fn: Any = None,
-        step: int = 0,
-        normalizer: torch.Tensor | float | None = None,
-        grad_meter: bool = False,
-    ) -> TaskOutput:
-        """The fused sparse KD loss on the student's hidden states (``loss_fn=None``: labels
-        only). The gradient balance is not measured, as in :class:`CausalLMTask`."""
-        inputs = self.inputs(batch)
-        hidden = last_hidden_states(student, *_on_device(student, inputs))  # (B, T, H)
-        layer = output_layer(student)
-        labels = inputs["labels"].to(hidden.device)  # (B, T), shifted
-        if loss_fn is None or teacher_outputs is None:
-            return TaskOutput(self._hard_only(hidden, layer, labels, normalizer))
+        loss_fn: Any,
+        step: int,
+        normalizer: torch.Tensor | float | None,
+    ) -> tuple[KDLoss, float | torch.Tensor]:
+        """The fused sparse KD loss of the student's ``hidden`` ``(B, T, H)`` and output
+        ``layer`` against the batch's cached targets (:class:`CausalLMTask` runs the rest:
+        labels only without a teacher; the gradient balance is not measured)."""
         cache = teacher_outputs.cache
-        self.check_cache(cache, self.vocab_size or layer.weight.shape[0])
+        vocab_size = self.cache_vocab(layer.weight.shape[0], cache)
         options = self._sparse_options(loss_fn, step)
         loss = fused_linear_sparse_kd_loss(
             hidden,
@@ -129,7 +127,7 @@ class CachedCausalLMTask(CausalLMTask):
             representation=cache.representation,
             tail=self.tail if cache.representation == "topk" else "bucket",
             chunk_size=self.chunk_size,
-            vocab_size=self.vocab_size,
+            vocab_size=vocab_size,
             student_bias=layer.bias,
             normalizer=normalizer,
             student_logit_scale=layer.logit_scale,
@@ -138,10 +136,19 @@ class CachedCausalLMTask(CausalLMTask):
             check_ids=not cache.verify,
             **options,
         )
-        temperature = options["temperature"]
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach())
-        return TaskOutput(loss, None, None, temperature)
+        return loss, options["temperature"]
+
+    def cache_vocab(self, student_rows: int, cache: Any) -> int | None:
+        """The vocabulary the student's output layer is cut to (None: all of it), after
+        :meth:`check_cache`: ``vocab_size`` when given; else the cache's vocabulary when the
+        student's ``student_rows`` are it padded to a multiple of a power of two (as
+        :class:`CausalLMTask` cuts a padded layer, :func:`~darkknowledge.llm.vocab.is_padding`).
+        Any other difference is refused, naming both sizes."""
+        vocab_size = self.vocab_size
+        if vocab_size is None and is_padding(cache.vocab_size, student_rows):
+            vocab_size = cache.vocab_size  # the padding rows are never a target: cut them
+        self.check_cache(cache, vocab_size or student_rows)
+        return vocab_size
 
     @staticmethod
     def check_cache(cache: Any, vocab_size: int) -> None:

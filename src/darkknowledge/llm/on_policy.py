@@ -34,14 +34,15 @@ from torch import nn
 
 from ..losses import KDLoss
 from ..losses.engine.call import resolve_soft_scale
-from ..train.task import TaskOutput
 from .generation import Completions, GenerateSampler, Sampler
-from .heads import last_hidden_states, output_layer
+from .heads import OutputLayer, output_layer
 from .sampled_kl import sampled_reverse_kl_loss, token_logprobs
-from .task import CausalLMTask, TeacherOutputs, _on_device, _to
+from .task import CausalLMTask, TeacherOutputs, _to
+from .vocab import shared_vocab_size
 
 OBJECTIVES = ("divergence", "sampled_reverse_kl")
 SAMPLED = "sampled_by_student"  # the key that marks a batch whose completions the student wrote
+STUDENT_ROWS = "student_vocab_rows"  # beside it: the rows of the output layer sampled from
 
 
 class OnPolicyTask(CausalLMTask):
@@ -60,7 +61,11 @@ class OnPolicyTask(CausalLMTask):
         chunk_size, ignore_index, vocab_size: as :class:`CausalLMTask`.
 
     Batches must say where prompts end: ``prompt_lengths`` ``(B,)`` or ``completion_mask``.
+    The student samples from its whole output layer, so that layer may not be larger than the
+    vocabulary the loss keeps (a ValueError naming both sizes; a larger teacher is cut).
     """
+
+    needs_teacher = True
 
     def __init__(
         self,
@@ -116,34 +121,40 @@ class OnPolicyTask(CausalLMTask):
             completions = completions._replace(
                 mask=completions.mask & kept.to(completions.mask.device)
             )
-        return sampled_batch(prompt_ids, prompt_mask, completions)
+        # The ids the student could write: the teacher checks that it reads them all.
+        rows = output_layer(student).weight.shape[0]
+        return {**sampled_batch(prompt_ids, prompt_mask, completions), STUDENT_ROWS: rows}
 
     # -- the loss --------------------------------------------------------------------------
-    def compute_loss(
+    def teacher_outputs(self, teacher: nn.Module, batch: Any) -> TeacherOutputs:
+        """As :class:`CausalLMTask`; a sampled batch is first checked to hold only token ids
+        that the teacher reads and the loss keeps (see :func:`check_sampled_vocabulary`)."""
+        if isinstance(batch, Mapping) and batch.get(SAMPLED) and STUDENT_ROWS in batch:
+            check_sampled_vocabulary(
+                batch[STUDENT_ROWS], output_layer(teacher).weight.shape[0], self.vocab_size
+            )
+        return super().teacher_outputs(teacher, batch)
+
+    def distillation_loss(
         self,
-        student: nn.Module,
+        hidden: torch.Tensor,
+        layer: OutputLayer,
+        labels: torch.Tensor,
         batch: Any,
-        teacher_outputs: TeacherOutputs | None,
+        teacher_outputs: TeacherOutputs,
         *,
-        loss_fn: Any = None,
-        step: int = 0,
-        normalizer: torch.Tensor | float | None = None,
-        grad_meter: bool = False,
-    ) -> TaskOutput:
+        loss_fn: Any,
+        step: int,
+        normalizer: torch.Tensor | float | None,
+    ) -> tuple[KDLoss, float | torch.Tensor]:
         """:class:`CausalLMTask`'s loss on the dataset's completions; on sampled ones the soft
         term alone (the divergence, or the sampled reverse KL)."""
-        if loss_fn is None or teacher_outputs is None:
-            raise ValueError("OnPolicyTask distils: it needs a teacher (Distiller(teacher=...))")
         self._check_objective(loss_fn)
         if not (isinstance(batch, Mapping) and batch.get(SAMPLED)):
-            return super().compute_loss(
-                student, batch, teacher_outputs, loss_fn=loss_fn, step=step,
-                normalizer=normalizer, grad_meter=grad_meter,
+            return super().distillation_loss(
+                hidden, layer, labels, batch, teacher_outputs,
+                loss_fn=loss_fn, step=step, normalizer=normalizer,
             )  # fmt: skip
-        inputs = self.inputs(batch)
-        hidden = last_hidden_states(student, *_on_device(student, inputs))
-        layer = output_layer(student)
-        labels = inputs["labels"].to(hidden.device)
         options = self._loss_options(loss_fn, step)
         alpha, temperature = options.pop("alpha"), options["temperature"]
         if self.objective == "divergence":
@@ -171,10 +182,8 @@ class OnPolicyTask(CausalLMTask):
                 ignore_index=self.ignore_index, chunk_size=self.chunk_size,
             )  # fmt: skip
             total = loss.total
-        loss = KDLoss(total, loss.soft, torch.zeros_like(loss.soft))  # no CE on its own text
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach())
-        return TaskOutput(loss, None, None, temperature)
+        # No cross-entropy on the student's own text.
+        return KDLoss(total, loss.soft, torch.zeros_like(loss.soft)), temperature
 
     def _check_objective(self, loss_fn: Any) -> None:
         divergence = loss_fn.kd_options.get("divergence", "forward_kl")
@@ -183,6 +192,31 @@ class OnPolicyTask(CausalLMTask):
                 "objective='sampled_reverse_kl' estimates reverse KL on sampled steps and uses the "
                 f"exact reverse KL on the dataset's steps: set divergence='reverse_kl', got {divergence!r}"
             )
+
+
+def check_sampled_vocabulary(
+    student_rows: int, teacher_rows: int, vocab_size: int | None = None
+) -> None:
+    """Refuse to distil on samples of a student whose output layer (``student_rows``) is larger
+    than the vocabulary that the loss keeps (``vocab_size``, or what
+    :func:`~darkknowledge.llm.vocab.shared_vocab_size` cuts both layers to): its samples may
+    hold ids that the teacher has no embedding for, or that the cut loss drops.
+
+    >>> check_sampled_vocabulary(250, 256)  # a padded teacher is cut to the student's 250
+    >>> check_sampled_vocabulary(256, 250)
+    Traceback (most recent call last):
+    ...
+    ValueError: on-policy distillation samples from the student's whole output layer of 256 rows, ...
+    """
+    shared = shared_vocab_size(student_rows, teacher_rows, vocab_size=vocab_size)
+    if shared is not None and shared < student_rows:
+        raise ValueError(
+            f"on-policy distillation samples from the student's whole output layer of "
+            f"{student_rows} rows, but the teacher's has {teacher_rows} rows and the loss keeps "
+            f"the first {shared} ids: a sampled id >= {shared} has no teacher probability. Use a "
+            f"student whose output layer has at most {shared} rows (resize_token_embeddings), "
+            "or distil off-policy (fraction=0)"
+        )
 
 
 def split_prompts(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

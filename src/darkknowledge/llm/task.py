@@ -46,6 +46,9 @@ class CausalLMTask:
             mismatch is refused), see :func:`darkknowledge.llm.vocab.shared_vocab_size`.
     """
 
+    # A task that only distils (on-policy) refuses a step without a teacher.
+    needs_teacher = False
+
     def __init__(
         self,
         *,
@@ -83,6 +86,15 @@ class CausalLMTask:
         """Number of predicted tokens in the micro-batch (the Distiller sums these)."""
         return count_valid(self.inputs(batch)["labels"], ignore_index=self.ignore_index)
 
+    def student_hidden(
+        self, student: nn.Module, batch: Any
+    ) -> tuple[torch.Tensor, OutputLayer, torch.Tensor]:
+        """The student's last hidden states ``(B, T, H)``, its output layer and the batch's
+        shifted labels ``(B, T)`` on the hidden states' device."""
+        inputs = self.inputs(batch)
+        hidden = last_hidden_states(student, *_on_device(student, inputs))
+        return hidden, output_layer(student), inputs["labels"].to(hidden.device)
+
     # -- training --------------------------------------------------------------------------
     def teacher_outputs(self, teacher: nn.Module, batch: Any) -> TeacherOutputs:
         """Teacher hidden states and output layer (the Distiller runs this without gradients)."""
@@ -94,7 +106,7 @@ class CausalLMTask:
         self,
         student: nn.Module,
         batch: Any,
-        teacher_outputs: TeacherOutputs | None,
+        teacher_outputs: Any,
         *,
         loss_fn: Any = None,
         step: int = 0,
@@ -103,21 +115,41 @@ class CausalLMTask:
     ) -> TaskOutput:
         """The fused KD loss on the student's hidden states; ``loss_fn=None`` trains on labels only.
 
-        The gradient balance (``grad_meter``) is not measured (``None``): it would need the
-        logits that the fused loss exists to avoid.
+        The distillation term is :meth:`distillation_loss`, the one method that the cached and
+        on-policy tasks override. The gradient balance (``grad_meter``) is not measured
+        (``None``): it would need the logits that the fused loss exists to avoid.
         """
-        inputs = self.inputs(batch)
-        hidden = last_hidden_states(student, *_on_device(student, inputs))
-        layer = output_layer(student)
-        labels = inputs["labels"].to(hidden.device)
+        hidden, layer, labels = self.student_hidden(student, batch)
         if loss_fn is None or teacher_outputs is None:
+            if self.needs_teacher:
+                raise ValueError(
+                    f"{type(self).__name__} distils: it needs a teacher (Distiller(teacher=...))"
+                )
             return TaskOutput(self._hard_only(hidden, layer, labels, normalizer))
+        loss, temperature = self.distillation_loss(
+            hidden, layer, labels, batch, teacher_outputs,
+            loss_fn=loss_fn, step=step, normalizer=normalizer,
+        )  # fmt: skip
+        return TaskOutput(loss, None, None, logged_temperature(temperature))
+
+    def distillation_loss(
+        self,
+        hidden: torch.Tensor,
+        layer: OutputLayer,
+        labels: torch.Tensor,
+        batch: Any,
+        teacher_outputs: Any,
+        *,
+        loss_fn: Any,
+        step: int,
+        normalizer: torch.Tensor | float | None,
+    ) -> tuple[KDLoss, float | torch.Tensor]:
+        """The loss of a step with a teacher and the temperature it used: here the fused
+        ``(1 − alpha)·CE + alpha·soft_scale·D`` of the student's ``hidden`` ``(B, T, H)`` and
+        output ``layer`` against the teacher's, on the shifted ``labels`` ``(B, T)``."""
         options = self._loss_options(loss_fn, step)
         loss = self.fused_kd(hidden, layer, teacher_outputs, labels, normalizer, options)
-        temperature = options["temperature"]
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach())
-        return TaskOutput(loss, None, None, temperature)
+        return loss, options["temperature"]
 
     def fused_kd(
         self,
@@ -192,10 +224,7 @@ class CausalLMTask:
     def eval_sums(self, student: nn.Module, batch: Any) -> dict[str, float]:
         """Sums over the batch's predicted tokens: ``loss`` (cross-entropy, nats), ``correct``
         (argmax hits) and ``count``. Mean loss / count gives perplexity = exp(mean loss)."""
-        inputs = self.inputs(batch)
-        hidden = last_hidden_states(student, *_on_device(student, inputs))
-        layer = output_layer(student)
-        labels = inputs["labels"].to(hidden.device)
+        hidden, layer, labels = self.student_hidden(student, batch)
         flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         keep = flat_labels != self.ignore_index
         flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
@@ -207,6 +236,13 @@ class CausalLMTask:
             loss_sum += float(F.cross_entropy(logits.float(), chunk_labels, reduction="sum"))
             correct += int((logits.argmax(-1) == chunk_labels).sum())
         return {"loss": loss_sum, "correct": float(correct), "count": float(flat_labels.numel())}
+
+
+def logged_temperature(temperature: float | torch.Tensor | None) -> float | None:
+    """The temperature as the train record's float (a learnable one's current value)."""
+    if isinstance(temperature, torch.Tensor):
+        return float(temperature.detach())
+    return temperature
 
 
 def _on_device(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..llm.heads import unwrap_model
-from ..llm.task import CausalLMTask, TeacherOutputs
+from ..llm.task import CausalLMTask, TeacherOutputs, logged_temperature
 from ..losses.fused import DEFAULT_CHUNK_SIZE
 from ..train.task import TaskOutput
 from . import _checks
@@ -128,9 +128,9 @@ class MTPTask(CausalLMTask):
             depth_weights=self.depth_weights,
             **options,
         )
-        if isinstance(temperature, torch.Tensor):
-            temperature = float(temperature.detach())
-        return TaskOutput(loss.as_kd_loss(), None, None, temperature, loss.log_values())
+        return TaskOutput(
+            loss.as_kd_loss(), None, None, logged_temperature(temperature), loss.log_values()
+        )
 
     @torch.no_grad()
     def eval_sums(self, student: nn.Module, batch: Any) -> dict[str, float]:
