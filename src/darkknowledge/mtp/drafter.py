@@ -25,7 +25,8 @@ from torch import nn
 
 from ..llm.heads import logits_from_hidden
 from ..speculative import Draft, GenerationOutput, generate
-from ..speculative.acceptance import acceptance_rate
+from ..speculative.acceptance import acceptance_rate, chained_tokens_per_call
+from ..speculative.drafter import DraftRows
 from ..speculative.verify import Sampler, check_sampling
 from .loss import depth_labels
 from .student import as_mtp_student
@@ -62,25 +63,19 @@ class MTPDrafter:
         target_hidden: torch.Tensor | None = None,
     ) -> Draft:
         layer = self._layer if self._layer is not None else self.student.output_layer()
+        rows = DraftRows(sampler)
         if target_hidden is None or target_hidden.shape[1] == 0 or num_tokens < 1:
-            empty = torch.zeros(0, dtype=torch.long, device=input_ids.device)
-            return Draft(empty, torch.zeros(0, layer.weight.shape[0], device=input_ids.device))
+            return rows.draft(layer.weight.shape[0], input_ids.device)  # nothing to draft from
         heads = self.student.heads
         trunk_row = target_hidden[:, -1]  # (1, H): position L - 2
-        tokens: list[torch.Tensor] = []
-        probs: list[torch.Tensor] = []
 
         def choose(state: torch.Tensor) -> torch.Tensor:  # (1, H) -> (1,)
-            row = sampler.probs(logits_from_hidden(state, layer)[0])  # (V,)
-            token = sampler.sample(row)
-            tokens.append(token)
-            probs.append(row)
-            return token.reshape(1)
+            return rows.draw(logits_from_hidden(state, layer)[0]).reshape(1)
 
         embeddings = self.student.input_embeddings() if heads.needs_embeddings else None
         heads.draft(trunk_row, input_ids[:, -1], embeddings, choose, num_tokens)
         self.forward_calls += 1
-        return Draft(torch.stack(tokens), torch.stack(probs))
+        return rows.draft(layer.weight.shape[0], input_ids.device)
 
     def rollback(self, num_accepted: int) -> None:
         """Nothing to undo: every proposal starts from the target's committed state."""
@@ -161,8 +156,4 @@ def expected_tokens_per_call(depth_rates: Sequence[float] | torch.Tensor) -> flo
     >>> round(expected_tokens_per_call([0.8, 0.5]), 6)           # 1 + 0.8 + 0.8 · 0.5
     2.2
     """
-    tokens, reached = 1.0, 1.0
-    for rate in depth_rates:
-        reached *= float(rate)
-        tokens += reached
-    return tokens
+    return chained_tokens_per_call(depth_rates)

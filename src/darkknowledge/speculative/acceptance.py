@@ -19,6 +19,7 @@ factor over plain decoding of the target is (Theorem 3.8)
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
 
 import torch
@@ -77,6 +78,21 @@ def expected_tokens_per_call(alpha: float | torch.Tensor, gamma: int) -> float:
     alpha = _check_alpha(alpha)
     check_gamma(gamma)
     return math.fsum(alpha**k for k in range(gamma + 1))
+
+
+def chained_tokens_per_call(rates: Sequence[float] | torch.Tensor) -> float:
+    """Tokens per target call when draft position ``k`` is accepted with probability ``a_k``
+    once the earlier ones were: ``1 + a_1 + a_1 a_2 + ... + a_1 ⋯ a_n`` (with every
+    ``a_k = alpha``, :func:`expected_tokens_per_call`).
+
+    >>> round(chained_tokens_per_call([0.8, 0.5]), 6)           # 1 + 0.8 + 0.8 · 0.5
+    2.2
+    """
+    tokens, reached = 1.0, 1.0
+    for rate in rates:
+        reached *= float(rate)
+        tokens += reached
+    return tokens
 
 
 def expected_speedup(alpha: float | torch.Tensor, gamma: int, cost_ratio: float) -> float:

@@ -32,8 +32,24 @@ from .drafter import Draft, Drafter, ModelDrafter
 from .verify import Sampler, check_sampling, verify_unchecked
 
 
+class TokenRates:
+    """The rates of a decoding's counts ``new_tokens``, ``target_calls``, ``accepted_tokens``
+    and ``rejected_tokens`` (its :class:`GenerationOutput`, or a measurement's totals)."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over examined draft tokens (a token after a rejection is not examined; NaN
+        when none was examined)."""
+        examined = self.accepted_tokens + self.rejected_tokens
+        return self.accepted_tokens / examined if examined else math.nan
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else math.nan
+
+
 @dataclass
-class GenerationOutput:
+class GenerationOutput(TokenRates):
     """The decoded sequence and what it cost.
 
     ``sequences`` is ``(1, prompt + new_tokens)``. ``target_calls`` counts forward passes of
@@ -67,16 +83,6 @@ class GenerationOutput:
     @property
     def rounds(self) -> int:
         return len(self.accepted_per_round)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted over examined draft tokens (NaN when none was examined)."""
-        examined = self.accepted_tokens + self.rejected_tokens
-        return self.accepted_tokens / examined if examined else math.nan
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else math.nan
 
     @property
     def tokens_per_second(self) -> float:

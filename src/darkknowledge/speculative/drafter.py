@@ -42,6 +42,32 @@ class Draft(NamedTuple):
     probs: torch.Tensor
 
 
+class DraftRows:
+    """Draft tokens drawn one at a time with ``sampler``, and the rows they were drawn from:
+    what every drafter reports (each token from exactly the row it reports)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.tokens: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """A token ``()`` drawn from ``sampler.probs(logits)`` (``logits`` ``(V,)``), recorded."""
+        row = self.sampler.probs(logits)  # (V,)
+        token = self.sampler.sample(row)
+        self.tokens.append(token)
+        self.probs.append(row)
+        return token
+
+    def draft(self, vocab_size: int, device: torch.device | str | None = None) -> Draft:
+        """The tokens drawn so far as a :class:`Draft`: ``(k,)`` and ``(k, V)``; with none, an
+        empty one of ``vocab_size`` columns on ``device``."""
+        if not self.tokens:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return Draft(empty, torch.zeros(0, vocab_size, device=device))
+        return Draft(torch.stack(self.tokens), torch.stack(self.probs))
+
+
 @runtime_checkable
 class Drafter(Protocol):
     """What :func:`darkknowledge.speculative.generate` needs from a draft (see the module doc)."""
@@ -113,18 +139,13 @@ class ModelDrafter:
             )
         pending = input_ids[:, self._lm.length :]  # (1, new tokens), at least one
         self._check_readable(pending)
-        tokens, probs = [], []
+        rows = DraftRows(sampler)
         for _ in range(num_tokens):
             logits, _ = self._lm.extend(pending, keep_logits=1)
             self.forward_calls += 1
-            row = sampler.probs(self._fit_vocabulary(logits[-1]))  # (V,)
-            token = sampler.sample(row)
-            tokens.append(token)
-            probs.append(row)
+            token = rows.draw(self._fit_vocabulary(logits[-1]))
             pending = token.reshape(1, 1)
-        if not tokens:
-            return Draft(torch.zeros(0, dtype=torch.long), torch.zeros(0, self.vocab_size or 0))
-        return Draft(torch.stack(tokens), torch.stack(probs))
+        return rows.draft(self.vocab_size or 0)
 
     def rollback(self, num_accepted: int) -> None:
         keep = self._context_length + num_accepted

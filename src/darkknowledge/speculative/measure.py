@@ -35,13 +35,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .acceptance import check_gamma, expected_speedup
-from .decode import GenerationOutput, autoregressive_generate, generate
+from .acceptance import chained_tokens_per_call, check_gamma, expected_speedup
+from .decode import GenerationOutput, TokenRates, autoregressive_generate, generate
 from .drafter import Drafter
 
 
 @dataclass
-class SpeedupMeasurement:
+class SpeedupMeasurement(TokenRates):
     """Totals over the prompts (their medians over the repeats, for times)."""
 
     gamma: int
@@ -60,16 +60,6 @@ class SpeedupMeasurement:
     load_average: tuple[float, float] | None = None  # 1-minute load before and after
 
     @property
-    def acceptance_rate(self) -> float:
-        """Accepted over examined draft tokens (a token after a rejection is not examined)."""
-        examined = self.accepted_tokens + self.rejected_tokens
-        return self.accepted_tokens / examined if examined else math.nan
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else math.nan
-
-    @property
     def speedup(self) -> float:
         """Measured: plain decoding's wall time over speculative decoding's."""
         return self.plain_seconds / self.speculative_seconds
@@ -84,10 +74,7 @@ class SpeedupMeasurement:
         if isinstance(alpha, int | float):
             speedup = expected_speedup(float(alpha), self.gamma, self.cost_ratio)
         else:
-            tokens, reached = 1.0, 1.0
-            for rate in list(alpha)[: self.gamma]:
-                reached *= float(rate)
-                tokens += reached
+            tokens = chained_tokens_per_call(list(alpha)[: self.gamma])
             speedup = tokens / (self.gamma * self.cost_ratio + 1.0)
         if not verification_cost:
             return speedup
