@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 import darkknowledge as dk
 from darkknowledge.llm import CausalLMTask, GenerateSampler, OnPolicyTask
 from darkknowledge.llm.data import WindowDataset, sequential_windows, stdlib_corpus
-from darkknowledge.llm.demo import QUICK, Recipe, _evaluate, _gpt2, _teacher
+from darkknowledge.llm.demo import QUICK, Recipe, build_gpt2, cached_teacher, evaluate_heldout
 from darkknowledge.llm.on_policy import sampled_batch, split_prompts
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -77,7 +77,7 @@ def train_student(
         if teacher is not None
         else CausalLMTask()
     )
-    student = _gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
+    student = build_gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
     if start is not None:
         student.load_state_dict(start)
     steps = recipe.student_steps
@@ -164,9 +164,9 @@ def main() -> None:
         )
 
     cache = Path(os.path.expanduser(args.cache_dir))
-    teacher, info = _teacher(recipe, corpus.digest, cache, fit, print)
+    teacher, info = cached_teacher(recipe, corpus.digest, cache, fit, print)
     teacher.eval()
-    rows = [{"model": "teacher", **_evaluate(teacher, eval_data), **teacher_nll_of_samples(
+    rows = [{"model": "teacher", **evaluate_heldout(teacher, eval_data), **teacher_nll_of_samples(
         teacher, teacher, corpus, recipe, prompts=args.sample_prompts, prompt_length=prompt_length, seed=args.seed)}]  # fmt: skip
     runs = [("data only", None, None)] + [
         (f"λ={fraction:g} {divergence}", fraction, divergence)
@@ -185,7 +185,7 @@ def main() -> None:
             start = {k: v.detach().clone() for k, v in student.state_dict().items()}
         row = {
             "model": name, "fraction": fraction, "divergence": divergence,
-            **_evaluate(student, eval_data), **timing,
+            **evaluate_heldout(student, eval_data), **timing,
             **teacher_nll_of_samples(student, teacher, corpus, recipe, prompts=args.sample_prompts,
                                      prompt_length=prompt_length, seed=args.seed),
             "load_before": load, "load_after": os.getloadavg(),

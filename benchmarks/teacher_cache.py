@@ -81,7 +81,7 @@ class Setup:
         recipe = demo.Recipe()
         self.recipe = recipe = replace(recipe, student_steps=steps or recipe.student_steps)
         corpus = stdlib_corpus(train_bytes=recipe.train_bytes, heldout_bytes=recipe.heldout_bytes)
-        self.teacher, _ = demo._teacher(recipe, corpus.digest, cache_dir, _not_cached, print)
+        self.teacher, _ = demo.cached_teacher(recipe, corpus.digest, cache_dir, _not_cached, print)
         self.teacher.eval()
         windows = RandomWindows(
             corpus.train, block_size=recipe.block_size, batch_size=recipe.batch_size,
@@ -112,7 +112,7 @@ class Setup:
     def distiller(self, source, *, tail=None, steps: int, seed: int, workers: int = 1, **extra):
         """The demo's Distiller for one method: ``source`` is "live", a cache name or None."""
         recipe = self.recipe
-        student = demo._gpt2(recipe.student_layers, recipe.student_width, recipe, seed=seed)
+        student = demo.build_gpt2(recipe.student_layers, recipe.student_width, recipe, seed=seed)
         if source is None or source == "live":
             data = DataLoader(
                 self.dataset, batch_size=recipe.batch_size, collate_fn=dk.llm.PaddingCollator()
@@ -153,7 +153,7 @@ def quality(setup: Setup, seeds: range, only: list[str]) -> dict:
             distiller.fit()
             seconds = time.perf_counter() - began
             student = distiller.accelerator.unwrap_model(distiller.student)
-            score = demo._evaluate(student, setup.eval_data)["bits_per_byte"]
+            score = demo.evaluate_heldout(student, setup.eval_data)["bits_per_byte"]
             results[method][str(index)] = {"bits_per_byte": score, "train_seconds": seconds}
             print(f"{method}, seed {index}: {score:.4f} bits/byte ({seconds:.0f} s)", flush=True)
     return results

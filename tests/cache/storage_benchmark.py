@@ -36,7 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     recipe = demo.Recipe()
     corpus = stdlib_corpus(train_bytes=recipe.train_bytes, heldout_bytes=recipe.heldout_bytes)
-    teacher, _ = demo._teacher(recipe, corpus.digest, Path(args.cache_dir), _not_cached, print)
+    teacher, _ = demo.cached_teacher(
+        recipe, corpus.digest, Path(args.cache_dir), _not_cached, print
+    )
     windows = corpus.train[: args.sequences * recipe.block_size].long()
     dataset = [{"input_ids": row} for row in windows.view(args.sequences, recipe.block_size)]
     print(

@@ -167,11 +167,11 @@ def demo_teacher_cache(folder: Path):
     def fit(*_):  # the cache entry, without the training
         return {"train_seconds": 0.0, "train_tokens_per_s": 0.0, "curve": []}
 
-    _, info = demo._teacher(demo.QUICK, "corpus", folder / "cache", fit, lambda message: None)
+    _, info = demo.cached_teacher(demo.QUICK, "corpus", folder / "cache", fit, lambda message: None)
     entry = Path(info["cache_path"])
     (entry / "model.safetensors").unlink()
     plant_pickle(entry / "pytorch_model.bin", torch_save=True)
-    return demo._teacher(demo.QUICK, "corpus", folder / "cache", fit, lambda message: None)
+    return demo.cached_teacher(demo.QUICK, "corpus", folder / "cache", fit, lambda message: None)
 
 
 # ---- MTP heads -----------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class CachedCausalLMTask(CausalLMTask):
         ``layer`` against the batch's cached targets (:class:`CausalLMTask` runs the rest:
         labels only without a teacher; the gradient balance is not measured)."""
         cache = teacher_outputs.cache
-        vocab_size = self.cache_vocab(layer.weight.shape[0], cache)
+        vocab_size = self._cache_vocab(layer.weight.shape[0], cache)
         options = self._sparse_options(loss_fn, step)
         loss = fused_linear_sparse_kd_loss(
             hidden,
@@ -138,7 +138,7 @@ class CachedCausalLMTask(CausalLMTask):
         )
         return loss, options["temperature"]
 
-    def cache_vocab(self, student_rows: int, cache: Any) -> int | None:
+    def _cache_vocab(self, student_rows: int, cache: Any) -> int | None:
         """The vocabulary the student's output layer is cut to (None: all of it), after
         :meth:`check_cache`: ``vocab_size`` when given; else the cache's vocabulary when the
         student's ``student_rows`` are it padded to a multiple of a power of two (as

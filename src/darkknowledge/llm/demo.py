@@ -22,15 +22,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._files import save_figure, write_json
+from ..models import count_parameters
 from .data import VOCAB_SIZE, RandomWindows, sequential_windows, stdlib_corpus
 from .models import check_safetensors_folder
+from .report_table import aligned_rows
 from .task import CausalLMTask
 
 
@@ -130,15 +132,17 @@ def run_demo(
             "curve": curve,
         }
 
-    teacher, teacher_info = _teacher(recipe, corpus.digest, cache_dir, fit, say)
-    results: dict[str, Any] = {"teacher": {**teacher_info, **_evaluate(teacher, eval_data)}}
+    teacher, teacher_info = cached_teacher(recipe, corpus.digest, cache_dir, fit, say)
+    results: dict[str, Any] = {"teacher": {**teacher_info, **evaluate_heldout(teacher, eval_data)}}
     say(f"teacher: {results['teacher']['bits_per_byte']:.3f} held-out bits per byte")
     for name, use_teacher in (("distilled", True), ("data_only", False)):
         label = LABELS[name]
-        student = _gpt2(recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1)
+        student = build_gpt2(
+            recipe.student_layers, recipe.student_width, recipe, seed=recipe.seed + 1
+        )
         how = "distilled from the teacher" if use_teacher else "from the data alone"
         say(
-            f"{label} ({recipe.student_layers} x {recipe.student_width}, {_parameters(student):,} "
+            f"{label} ({recipe.student_layers} x {recipe.student_width}, {count_parameters(student):,} "
             f"parameters): {recipe.student_steps} steps {how}"
         )
         info = fit(
@@ -146,8 +150,8 @@ def run_demo(
         )
         results[name] = {
             **info,
-            **_evaluate(student, eval_data),
-            "parameters": _parameters(student),
+            **evaluate_heldout(student, eval_data),
+            "parameters": count_parameters(student),
         }
         say(
             f"{label}: {results[name]['bits_per_byte']:.3f} held-out bits per byte "
@@ -171,10 +175,60 @@ def run_demo(
     return report
 
 
-def _teacher(
-    recipe: Recipe, digest: str, cache_dir: Path, fit, say: Callable[[str], None]
+def load_teacher(
+    recipe: Recipe,
+    digest: str,
+    cache_dir: Path,
+    *,
+    say: Callable[[str], None] | None = None,
+    train_if_missing: bool = True,
 ) -> tuple[Any, dict[str, Any]]:
-    """The cached teacher if its key matches, else a freshly trained one (then cached)."""
+    """The llm demo's teacher for ``recipe`` and the corpus of ``digest``, from ``cache_dir``,
+    and its info (``cache_path``, ``parameters``, training time and curve).
+
+    When it is not cached: trained and cached by :func:`run_demo` itself (with one-step
+    students, discarded), so there is one way to train it; with ``train_if_missing=False``,
+    a FileNotFoundError that names the folder. ``say`` gets the lines of that training.
+    """
+    say = say if say is not None else (lambda message: None)
+    try:
+        return cached_teacher(recipe, digest, cache_dir, _not_cached, lambda message: None)
+    except _NotCached as missing:
+        if not train_if_missing:
+            raise FileNotFoundError(
+                f"the llm demo's teacher is not cached in {cache_dir}: run `dk demo llm` first "
+                "(`dk demo llm --quick` for the quick recipe) with the same --cache-dir"
+            ) from missing
+    say("the llm demo's teacher is not cached yet: training it first (dk demo llm's recipe)")
+    with tempfile.TemporaryDirectory() as scratch:
+        run_demo(
+            replace(recipe, student_steps=1, eval_every=0),
+            cache_dir=cache_dir,
+            output_dir=Path(scratch),
+            log=say,
+        )
+    return cached_teacher(recipe, digest, cache_dir, _not_cached, say)
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _not_cached(*_: Any) -> Any:
+    raise _NotCached
+
+
+def cached_teacher(
+    recipe: Recipe,
+    digest: str,
+    cache_dir: Path,
+    fit: Callable[[Any, Any, int, int], dict[str, Any]],
+    say: Callable[[str], None],
+) -> tuple[Any, dict[str, Any]]:
+    """The teacher cached under ``cache_dir`` for ``recipe`` and the corpus ``digest`` (its key
+    hashes both), loaded from safetensors; else a fresh one trained by
+    ``fit(model, None, steps, eval_every)`` (which returns ``train_seconds``,
+    ``train_tokens_per_s`` and ``curve``) and cached atomically. Returns it and its info."""
     import transformers
 
     teacher_recipe = {
@@ -198,11 +252,11 @@ def _teacher(
             **meta,
             "cached": True,
             "cache_path": str(path),
-            "parameters": _parameters(teacher),
+            "parameters": count_parameters(teacher),
         }
-    teacher = _gpt2(recipe.teacher_layers, recipe.teacher_width, recipe, seed=recipe.seed)
+    teacher = build_gpt2(recipe.teacher_layers, recipe.teacher_width, recipe, seed=recipe.seed)
     say(
-        f"teacher ({recipe.teacher_layers} x {recipe.teacher_width}, {_parameters(teacher):,} "
+        f"teacher ({recipe.teacher_layers} x {recipe.teacher_width}, {count_parameters(teacher):,} "
         f"parameters): {recipe.teacher_steps} steps from the data (cached for later runs)"
     )
     info = fit(teacher, None, recipe.teacher_steps, 0)  # 0: evaluated once, below
@@ -213,7 +267,7 @@ def _teacher(
         **meta,
         "cached": False,
         "cache_path": str(path),
-        "parameters": _parameters(teacher),
+        "parameters": count_parameters(teacher),
     }
 
 
@@ -245,15 +299,19 @@ def _gpt2_config(layers: int, width: int, recipe: Recipe):
     )
 
 
-def _gpt2(layers: int, width: int, recipe: Recipe, *, seed: int):
+def build_gpt2(layers: int, width: int, recipe: Recipe, *, seed: int) -> Any:
+    """A freshly initialised byte-level GPT-2 (``layers`` blocks of ``width``, the recipe's
+    block size) from ``torch.manual_seed(seed)``: the demos' teacher, students and drafts."""
     import transformers
 
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(_gpt2_config(layers, width, recipe))
 
 
-def _evaluate(model, eval_data: list) -> dict[str, float]:
-    """Held-out loss (nats per byte), bits per byte, perplexity, accuracy, and eval tokens/s."""
+def evaluate_heldout(model: Any, eval_data: list) -> dict[str, float]:
+    """Held-out ``eval_loss`` (nats per byte), ``bits_per_byte`` (= loss / ln 2),
+    ``perplexity`` (= exp loss), next-byte ``accuracy`` and ``eval_tokens_per_s``, over the
+    batches of ``eval_data`` (:func:`~darkknowledge.llm.data.sequential_windows`)."""
     task = CausalLMTask()
     was_training = model.training
     model.eval()
@@ -274,11 +332,6 @@ def _evaluate(model, eval_data: list) -> dict[str, float]:
     }
 
 
-def _parameters(model) -> int:
-    # Count each tensor once: GPT-2's output layer is its input embedding.
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def _train_tokens(recipe: Recipe, steps: int) -> int:
     return steps * recipe.batch_size * recipe.block_size
 
@@ -293,15 +346,7 @@ def format_table(report: dict[str, Any]) -> str:
             (label, f"{m['parameters']:,}", f"{m['bits_per_byte']:.3f}", f"{m['perplexity']:.2f}",
              f"{m['accuracy']:.3f}", train, f"{m['eval_tokens_per_s']:.0f}")
         )  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned_rows(rows)
     lines.append(
         f"held-out: {report['corpus']['heldout_bytes']:,} bytes of {len(report['corpus']['heldout_files'])} unseen stdlib files; total {report['total_seconds']:.0f} s on {report['threads']} threads"
     )

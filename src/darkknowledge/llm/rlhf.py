@@ -25,7 +25,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -92,7 +91,10 @@ def run_rlhf_demo(
         block_size=teacher_recipe.block_size,
         batch_size=4 * teacher_recipe.batch_size,
     )
-    reference, teacher_info = _load_teacher(teacher_recipe, corpus, cache_dir, say)
+    reference, teacher_info = llm_demo.load_teacher(
+        teacher_recipe, corpus.digest, cache_dir, say=say
+    )
+    say(f"reference = starting policy: the llm demo's teacher, from {teacher_info['cache_path']}")
     reference.eval().requires_grad_(False)
     # One held-out prompt for the text samples shown in the report.
     show_prompt = corpus.heldout[: recipe.prompt_length].long().unsqueeze(0)  # (1, P)
@@ -243,40 +245,10 @@ def _evaluate_policy(model, eval_data, show_prompt, recipe: RLHFRecipe) -> dict[
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     continuation = sample(model, show_prompt, recipe.completion_length, generator)[0]
     return {
-        **llm_demo._evaluate(model, eval_data),
+        **llm_demo.evaluate_heldout(model, eval_data),
         "sample_prompt": sample_text(show_prompt[0]),
         "sample": sample_text(continuation),
     }
-
-
-class _NotCached(Exception):
-    pass
-
-
-def _not_cached(*_: Any) -> Any:
-    raise _NotCached
-
-
-def _load_teacher(teacher_recipe, corpus, cache_dir: Path, say):
-    """The llm demo's cached teacher; when it is missing, the llm demo trains and caches it
-    (with one-step students, which are discarded), so there is one way to train it."""
-    try:
-        teacher, info = llm_demo._teacher(
-            teacher_recipe, corpus.digest, cache_dir, _not_cached, lambda message: None
-        )
-        say(f"reference = starting policy: the llm demo's teacher, from {info['cache_path']}")
-        return teacher, info
-    except _NotCached:
-        pass
-    say("the llm demo's teacher is not cached yet: training it first (dk demo llm's recipe)")
-    with tempfile.TemporaryDirectory() as scratch:
-        llm_demo.run_demo(
-            replace(teacher_recipe, student_steps=1, eval_every=0),
-            cache_dir=cache_dir,
-            output_dir=Path(scratch),
-            log=say,
-        )
-    return llm_demo._teacher(teacher_recipe, corpus.digest, cache_dir, _not_cached, say)
 
 
 def _check(recipe: RLHFRecipe) -> None:

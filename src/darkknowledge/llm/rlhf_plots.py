@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .._files import save_figure
+from .report_table import aligned_rows
 
 
 def sample_text(tokens: torch.Tensor) -> str:
@@ -45,15 +46,7 @@ def format_table(report: dict[str, Any]) -> str:
                 f"{policy['bits_per_byte']:.3f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned_rows(rows)
     recipe = report["recipe"]
     lines.append(
         f"reward and KL: mean over the last tenth of {recipe['steps']} steps; "

@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from .._files import write_json
+from ..models import count_parameters
 from . import demo as llm_demo
 from .data import RandomWindows, sequential_windows, stdlib_corpus
 from .draft import SampleBatches, cached_teacher_samples
-from .rlhf import _load_teacher
 from .speculative_report import format_tables, plot_report
 from .task import CausalLMTask
 
@@ -104,21 +104,15 @@ def run_speculative_demo(
     corpus = stdlib_corpus(
         train_bytes=recipe.teacher.train_bytes, heldout_bytes=recipe.teacher.heldout_bytes
     )
-    # The rlhf demo's loader: the llm demo's cached teacher, trained by the llm demo if missing
-    # (its line about the RLHF reference is not this demo's).
-    target, teacher_info = _load_teacher(
-        recipe.teacher,
-        corpus,
-        cache_dir,
-        lambda line: None if line.startswith("reference") else say(line),
-    )
+    # The llm demo's cached teacher, trained by the llm demo if missing.
+    target, teacher_info = llm_demo.load_teacher(recipe.teacher, corpus.digest, cache_dir, say=say)
     target.eval()
     key = {
         "teacher": Path(teacher_info["cache_path"]).name, "corpus": corpus.digest,
         "sampler": "GenerateSampler",
     }  # fmt: skip
     say(
-        f"target: the llm demo's teacher ({llm_demo._parameters(target):,} parameters), from "
+        f"target: the llm demo's teacher ({count_parameters(target):,} parameters), from "
         f"{teacher_info['cache_path']}"
     )
 
@@ -162,7 +156,7 @@ def run_speculative_demo(
     drafts += [(name, name, "samples") for name in recipe.divergences]
     drafts += [(f"on_policy_{name}", name, "own") for name in recipe.on_policy]
     for name, divergence, data in drafts:
-        draft = llm_demo._gpt2(
+        draft = llm_demo.build_gpt2(
             recipe.draft_layers, recipe.draft_width, recipe.teacher, seed=recipe.seed + 1
         )
         how = {
@@ -180,7 +174,7 @@ def run_speculative_demo(
         )  # fmt: skip
         draft.eval()
         rows[name] = _score_draft(dk, target, draft, recipe, heldout_batches, heldout_text, prompts)
-        rows[name].update(train_seconds=seconds, parameters=llm_demo._parameters(draft))
+        rows[name].update(train_seconds=seconds, parameters=count_parameters(draft))
         say(_summary(name, rows[name]))
     for name, distil in (("mtp_labels", False), ("mtp_distilled", True)):
         student = dk.mtp.MTPStudent.from_model(
@@ -203,7 +197,7 @@ def run_speculative_demo(
         say(_summary(name, rows[name]))
     report = {
         "recipe": asdict(recipe),
-        "target": {**teacher_info, "parameters": llm_demo._parameters(target)},
+        "target": {**teacher_info, "parameters": count_parameters(target)},
         "threads": torch.get_num_threads(),
         "rows": rows,
         "total_seconds": time.perf_counter() - started,

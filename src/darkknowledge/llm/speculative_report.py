@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import save_figure
+from .report_table import aligned_rows
 
 LABELS = {
     "data": "(a) draft, data alone",
@@ -59,15 +60,7 @@ def format_tables(report: dict[str, Any]) -> str:
                 f"{row['predicted_speedup_offline_with_verification']:.2f}",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths))
-        )
-        for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = aligned_rows(rows)
     recipe = report["recipe"]
     mode = "greedy" if recipe["greedy"] else f"sampling at T = {recipe['temperature']:g}"
     loads = [row.get("load_average") for row in report["rows"].values()]
