@@ -74,7 +74,27 @@ def stdlib_corpus(
     )
 
 
-class RandomWindows:
+class EpochBatches:
+    """``num_batches`` batches per epoch drawn from a generator seeded by ``seed`` and the
+    epoch (the Distiller calls ``set_epoch``), so two runs see the same data and each epoch
+    other batches. Subclasses draw from :meth:`generator` in ``__iter__``."""
+
+    def __init__(self, *, num_batches: int, seed: int = 0) -> None:
+        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch draws other batches."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator for the current epoch (a prime apart per epoch)."""
+        return torch.Generator().manual_seed(self.seed + 100_003 * self.epoch)
+
+
+class RandomWindows(EpochBatches):
     """Batches ``{"input_ids": (batch_size, block_size)}`` of random windows, ``num_batches``
     per epoch, seeded by ``seed`` and the epoch, so two runs see the same data."""
 
@@ -91,18 +111,11 @@ class RandomWindows:
             raise ValueError(
                 f"the corpus ({data.numel()} bytes) must be longer than block_size={block_size}"
             )
+        super().__init__(num_batches=num_batches, seed=seed)
         self.data, self.block_size, self.batch_size = data, block_size, batch_size
-        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Each epoch draws other windows (the Distiller calls this)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed + 100_003 * self.epoch)
+        generator = self.generator()
         offsets = torch.arange(self.block_size)
         for _ in range(self.num_batches):
             starts = torch.randint(

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._files import atomic_path
+from .data import EpochBatches
 
 
 def cached_teacher_samples(
@@ -84,7 +85,7 @@ def cached_teacher_samples(
     return samples
 
 
-class SampleBatches:
+class SampleBatches(EpochBatches):
     """Batches ``{"input_ids": (batch_size, T)}`` of rows of ``samples`` ``(N, T)``,
     ``num_batches`` per epoch in an order seeded by ``seed`` and the epoch (like
     :class:`~darkknowledge.llm.data.RandomWindows`, the Distiller calls ``set_epoch``); with
@@ -104,18 +105,12 @@ class SampleBatches:
             raise ValueError(
                 f"samples must be (N, T) with N >= batch_size={batch_size}, got {tuple(samples.shape)}"
             )
+        super().__init__(num_batches=num_batches, seed=seed)
         self.samples, self.batch_size = samples.long(), batch_size
-        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
         self.prompt_length = prompt_length
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches
-
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed + 100_003 * self.epoch)
+        generator = self.generator()
         for _ in range(self.num_batches):
             rows = torch.randint(self.samples.shape[0], (self.batch_size,), generator=generator)
             batch = {"input_ids": self.samples[rows]}  # (B, T)
