@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..chain import distill_chain, freeze
-from ..config import Config, thaw
+from ..config import Config, load_config, thaw
 from ..train import Interrupted, Terminated
 from . import _output_dir as outputs
 from ._build import build_parts, distiller_kwargs, evaluate_model, subdir
@@ -43,6 +43,14 @@ def add_run_arguments(parser) -> None:
         action="store_true",
         help="delete a previous run's outputs in train.output_dir and start afresh",
     )
+
+
+def run_command(args, *, distill: bool) -> int:
+    """``dk distill`` (``distill=True``) or ``dk train`` from parsed arguments: load the config
+    with its ``key=value`` overrides and run it; the exit code."""
+    config = load_config(args.config, args.overrides)
+    run_config(config, distill=distill, resume=args.resume, overwrite=args.overwrite)
+    return 0
 
 
 def run_config(

@@ -3,8 +3,7 @@ teacher-assistant chain when the config lists ``stages``)."""
 
 from __future__ import annotations
 
-from ..config import load_config
-from ._run import add_run_arguments, run_config
+from ._run import add_run_arguments, run_command
 
 
 def add_arguments(parser) -> None:
@@ -12,6 +11,4 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    config = load_config(args.config, args.overrides)
-    run_config(config, distill=True, resume=args.resume, overwrite=args.overwrite)
-    return 0
+    return run_command(args, distill=True)

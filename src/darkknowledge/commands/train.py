@@ -6,8 +6,7 @@ The config's ``teacher`` and ``distill`` sections are not used; with ``stages``,
 
 from __future__ import annotations
 
-from ..config import load_config
-from ._run import add_run_arguments, run_config
+from ._run import add_run_arguments, run_command
 
 
 def add_arguments(parser) -> None:
@@ -15,6 +14,4 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    config = load_config(args.config, args.overrides)
-    run_config(config, distill=False, resume=args.resume, overwrite=args.overwrite)
-    return 0
+    return run_command(args, distill=False)
