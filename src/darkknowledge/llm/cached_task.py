@@ -28,8 +28,7 @@ from torch import nn
 from ..losses import KDLoss
 from ..losses.fused import DEFAULT_CHUNK_SIZE
 from ..losses.sparse import TAILS, fused_linear_sparse_kd_loss
-from .heads import OutputLayer
-from .task import CausalLMTask
+from .task import CausalLMTask, StudentPass
 from .vocab import is_padding
 
 # The batch keys of the cached targets (written by dk.cache.cached_loader's collator).
@@ -102,19 +101,17 @@ class CachedCausalLMTask(CausalLMTask):
 
     def distillation_loss(
         self,
-        hidden: torch.Tensor,
-        layer: OutputLayer,
-        labels: torch.Tensor,
-        batch: Any,
+        student: StudentPass,
         teacher_outputs: SparseTargets,
         *,
         loss_fn: Any,
         step: int,
-        normalizer: torch.Tensor | float | None,
+        normalizer: Any,
     ) -> tuple[KDLoss, float | torch.Tensor]:
-        """The fused sparse KD loss of the student's ``hidden`` ``(B, T, H)`` and output
-        ``layer`` against the batch's cached targets (:class:`CausalLMTask` runs the rest:
-        labels only without a teacher; the gradient balance is not measured)."""
+        """The fused sparse KD loss of the student's hidden states and output layer against
+        the batch's cached targets (:class:`CausalLMTask` runs the rest: labels only without a
+        teacher; the gradient balance is not measured)."""
+        _, hidden, layer, labels = student
         cache = teacher_outputs.cache
         vocab_size = self._cache_vocab(layer.weight.shape[0], cache)
         options = self._sparse_options(loss_fn, step)

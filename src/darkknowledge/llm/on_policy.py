@@ -35,9 +35,9 @@ from torch import nn
 from ..losses import KDLoss
 from ..losses.engine.call import resolve_soft_scale
 from .generation import Completions, GenerateSampler, Sampler
-from .heads import OutputLayer, output_layer
+from .heads import output_layer
 from .sampled_kl import sampled_reverse_kl_loss, token_logprobs
-from .task import CausalLMTask, TeacherOutputs, _to
+from .task import CausalLMTask, StudentPass, TeacherOutputs, _to
 from .vocab import shared_vocab_size
 
 OBJECTIVES = ("divergence", "sampled_reverse_kl")
@@ -137,24 +137,21 @@ class OnPolicyTask(CausalLMTask):
 
     def distillation_loss(
         self,
-        hidden: torch.Tensor,
-        layer: OutputLayer,
-        labels: torch.Tensor,
-        batch: Any,
+        student: StudentPass,
         teacher_outputs: TeacherOutputs,
         *,
         loss_fn: Any,
         step: int,
-        normalizer: torch.Tensor | float | None,
+        normalizer: Any,
     ) -> tuple[KDLoss, float | torch.Tensor]:
         """:class:`CausalLMTask`'s loss on the dataset's completions; on sampled ones the soft
         term alone (the divergence, or the sampled reverse KL)."""
         self._check_objective(loss_fn)
-        if not (isinstance(batch, Mapping) and batch.get(SAMPLED)):
+        if not (isinstance(student.batch, Mapping) and student.batch.get(SAMPLED)):
             return super().distillation_loss(
-                hidden, layer, labels, batch, teacher_outputs,
-                loss_fn=loss_fn, step=step, normalizer=normalizer,
-            )  # fmt: skip
+                student, teacher_outputs, loss_fn=loss_fn, step=step, normalizer=normalizer
+            )
+        _, hidden, layer, labels = student
         options = self._loss_options(loss_fn, step)
         alpha, temperature = options.pop("alpha"), options["temperature"]
         if self.objective == "divergence":

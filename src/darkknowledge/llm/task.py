@@ -34,6 +34,15 @@ class TeacherOutputs(NamedTuple):
     layer: OutputLayer
 
 
+class StudentPass(NamedTuple):
+    """The student's forward pass on a batch, up to its last hidden states."""
+
+    batch: Any
+    hidden: torch.Tensor  # (B, T, H)
+    layer: OutputLayer
+    labels: torch.Tensor  # (B, T), shifted, on the hidden states' device
+
+
 class CausalLMTask:
     """Distil a causal LM into another one token by token, with the fused chunked loss.
 
@@ -86,14 +95,11 @@ class CausalLMTask:
         """Number of predicted tokens in the micro-batch (the Distiller sums these)."""
         return count_valid(self.inputs(batch)["labels"], ignore_index=self.ignore_index)
 
-    def student_hidden(
-        self, student: nn.Module, batch: Any
-    ) -> tuple[torch.Tensor, OutputLayer, torch.Tensor]:
-        """The student's last hidden states ``(B, T, H)``, its output layer and the batch's
-        shifted labels ``(B, T)`` on the hidden states' device."""
+    def student_pass(self, student: nn.Module, batch: Any) -> StudentPass:
+        """The student's forward pass on ``batch`` up to its last hidden states."""
         inputs = self.inputs(batch)
         hidden = last_hidden_states(student, *_on_device(student, inputs))
-        return hidden, output_layer(student), inputs["labels"].to(hidden.device)
+        return StudentPass(batch, hidden, output_layer(student), inputs["labels"].to(hidden.device))
 
     # -- training --------------------------------------------------------------------------
     def teacher_outputs(self, teacher: nn.Module, batch: Any) -> TeacherOutputs:
@@ -119,35 +125,34 @@ class CausalLMTask:
         on-policy tasks override. The gradient balance (``grad_meter``) is not measured
         (``None``): it would need the logits that the fused loss exists to avoid.
         """
-        hidden, layer, labels = self.student_hidden(student, batch)
+        forward = self.student_pass(student, batch)
         if loss_fn is None or teacher_outputs is None:
             if self.needs_teacher:
                 raise ValueError(
                     f"{type(self).__name__} distils: it needs a teacher (Distiller(teacher=...))"
                 )
-            return TaskOutput(self._hard_only(hidden, layer, labels, normalizer))
+            return TaskOutput(
+                self._hard_only(forward.hidden, forward.layer, forward.labels, normalizer)
+            )
         loss, temperature = self.distillation_loss(
-            hidden, layer, labels, batch, teacher_outputs,
-            loss_fn=loss_fn, step=step, normalizer=normalizer,
-        )  # fmt: skip
+            forward, teacher_outputs, loss_fn=loss_fn, step=step, normalizer=normalizer
+        )
         return TaskOutput(loss, None, None, logged_temperature(temperature))
 
     def distillation_loss(
         self,
-        hidden: torch.Tensor,
-        layer: OutputLayer,
-        labels: torch.Tensor,
-        batch: Any,
+        student: StudentPass,
         teacher_outputs: Any,
         *,
         loss_fn: Any,
         step: int,
-        normalizer: torch.Tensor | float | None,
+        normalizer: Any,
     ) -> tuple[KDLoss, float | torch.Tensor]:
         """The loss of a step with a teacher and the temperature it used: here the fused
-        ``(1 − alpha)·CE + alpha·soft_scale·D`` of the student's ``hidden`` ``(B, T, H)`` and
-        output ``layer`` against the teacher's, on the shifted ``labels`` ``(B, T)``."""
+        ``(1 − alpha)·CE + alpha·soft_scale·D`` of the student's hidden states and output layer
+        against the teacher's, on the shifted labels."""
         options = self._loss_options(loss_fn, step)
+        hidden, layer, labels = student.hidden, student.layer, student.labels
         loss = self.fused_kd(hidden, layer, teacher_outputs, labels, normalizer, options)
         return loss, options["temperature"]
 
@@ -224,7 +229,7 @@ class CausalLMTask:
     def eval_sums(self, student: nn.Module, batch: Any) -> dict[str, float]:
         """Sums over the batch's predicted tokens: ``loss`` (cross-entropy, nats), ``correct``
         (argmax hits) and ``count``. Mean loss / count gives perplexity = exp(mean loss)."""
-        hidden, layer, labels = self.student_hidden(student, batch)
+        _, hidden, layer, labels = self.student_pass(student, batch)
         flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
         keep = flat_labels != self.ignore_index
         flat_hidden, flat_labels = flat_hidden[keep], flat_labels[keep]
