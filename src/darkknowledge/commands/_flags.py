@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def add_output_dir_argument(parser: argparse.ArgumentParser, default_help: str) -> None:
@@ -14,6 +16,23 @@ def add_output_dir_argument(parser: argparse.ArgumentParser, default_help: str) 
     )
     parser.add_argument(
         "--output", action=_DeprecatedOutput, dest="output_dir", help=argparse.SUPPRESS
+    )
+
+
+def add_quick_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quick``: a demo's tiny models and few steps (seconds; for tests)."""
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny models and few steps (seconds; for tests)"
+    )
+
+
+def add_cache_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--cache-dir DIR``, where the demos cache their trained teacher (and drafts):
+    ``$DK_CACHE_DIR``, else ``~/.cache/darkknowledge``. ``what`` says what this demo keeps there."""
+    parser.add_argument(
+        "--cache-dir",
+        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
+        help=f"{what} (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
     )
 
 

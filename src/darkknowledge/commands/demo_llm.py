@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
-from ._flags import add_output_dir_argument
+from ._flags import add_cache_dir_argument, add_output_dir_argument, add_quick_argument
 
 DEFAULT_OUTPUT_DIR = "reports/llm-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny models and few steps (seconds; for tests)"
-    )
+    add_quick_argument(parser)
     parser.add_argument("--teacher-steps", type=int, help="teacher training steps")
     parser.add_argument(
         "--student-steps", type=int, help="student training steps (each of the two runs)"
@@ -29,11 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="distillation temperature")
     parser.add_argument("--alpha", type=float, help="weight of the soft (distillation) term")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument(
-        "--cache-dir",
-        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
-        help="where trained teachers are cached (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
-    )
+    add_cache_dir_argument(parser, "where trained teachers are cached")
     add_output_dir_argument(parser, f"results.json and val_loss.png; default: {DEFAULT_OUTPUT_DIR}")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"

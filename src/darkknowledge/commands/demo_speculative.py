@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
-from ._flags import add_output_dir_argument
+from ._flags import add_cache_dir_argument, add_output_dir_argument, add_quick_argument
 
 DEFAULT_OUTPUT_DIR = "reports/speculative-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny models and few steps (seconds; for tests)"
-    )
+    add_quick_argument(parser)
     parser.add_argument("--draft-steps", type=int, help="training steps of every draft")
     parser.add_argument("--mtp-steps", type=int, help="training steps of the MTP heads")
     parser.add_argument(
@@ -39,11 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, help="tokens decoded per prompt")
     parser.add_argument("--repeats", type=int, help="timings are medians over this many")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument(
-        "--cache-dir",
-        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
-        help="the llm demo's teacher cache; trained drafts are cached there too "
-        "(default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
+    add_cache_dir_argument(
+        parser, "the llm demo's teacher cache; trained drafts are cached there too"
     )
     add_output_dir_argument(
         parser, f"results.json and speculative.png; default: {DEFAULT_OUTPUT_DIR}"

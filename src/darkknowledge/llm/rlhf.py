@@ -23,7 +23,6 @@ import argparse
 import copy
 import inspect
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -284,11 +283,13 @@ DEFAULT_OUTPUT_DIR = "reports/rlhf-demo"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..commands._flags import add_output_dir_argument
-
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny models, few steps (seconds; tests)"
+    from ..commands._flags import (
+        add_cache_dir_argument,
+        add_output_dir_argument,
+        add_quick_argument,
     )
+
+    add_quick_argument(parser)
     parser.add_argument("--steps", type=int, help="policy-gradient steps per KL coefficient")
     parser.add_argument(
         "--kl-coefficients", type=float, nargs="+", metavar="BETA", help="default: 0 0.05 0.2"
@@ -296,11 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="the rewarded byte, one character (default: e)")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate of the policy")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument(
-        "--cache-dir",
-        default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
-        help="where the llm demo's teacher is cached (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
-    )
+    add_cache_dir_argument(parser, "where the llm demo's teacher is cached")
     add_output_dir_argument(
         parser, f"results.json and reward_kl.png; default: {DEFAULT_OUTPUT_DIR}"
     )
