@@ -213,11 +213,15 @@ def _safe(read: Callable[[Path], object], output_dir: Path, default):
 
 def _identities(paths: list[Path]) -> set[tuple]:
     """Name and inode of each path: a folder deleted and created again under the same name
-    (a step saved again after a resume) is a new one."""
+    (a step saved again after a resume) is a new one. Not its ctime: emptying a stale folder
+    left by the previous kill changes the folder's ctime, and a kill triggered by that would
+    land before the new save had begun (seen once under load: a "save" kill that cut nothing).
+    A new folder that reuses the stale one's inode is missed, and the kill waits for the next
+    save."""
     found = set()
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
-            found.add((str(path), path.stat().st_ino, path.stat().st_ctime_ns))
+            found.add((str(path), path.stat().st_ino))
     return found
 
 
