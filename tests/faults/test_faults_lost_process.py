@@ -86,9 +86,11 @@ def test_lost_process_frozen_peer_times_out_with_a_clear_error(tmp_path):
     finally:
         frozen.kill()
         frozen.communicate()
-    assert line.startswith(
-        "dk distill: error: Distiller.fit on process 0 of 2 waited for the other processes "
-        "until the timeout in "
+    # The freeze lands anywhere in the loop: in fit's step, or inside a checkpoint's barrier.
+    assert re.match(
+        r"dk distill: error: Distiller\.(fit|save_checkpoint) on process 0 of 2 waited for the "
+        r"other processes until the timeout in ",
+        line,
     ), tail
     assert "DK_COLLECTIVE_TIMEOUT_S sets the timeout, 30 min by default" in line, tail
     assert "Timed out waiting 5000ms" in line, tail  # gloo's own words: the timeout given
