@@ -21,6 +21,7 @@ import importlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None  # the dk command itself, not a call from Python (a test)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
@@ -98,26 +100,40 @@ def main(argv: list[str] | None = None) -> int:
     module.add_arguments(sub)
     args = _parse(sub, argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
     try:
+        code = _dispatch(module, args, known.command)
+    finally:
+        several = _leave_process_group()
+    if several and as_program:
+        # gloo's threads can still abort the interpreter's own exit after the group is
+        # destroyed ("terminate called without an active exception", exit -6 instead of the
+        # code below: pytorch/pytorch#190489); every file is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(module: Any, args: argparse.Namespace, command: str) -> int:
+    """Run the command; its exit code, with errors that explain themselves as one line."""
+    try:
         with _user_code_folders(getattr(args, "config", None)):
             return int(module.run(args) or EXIT_OK)
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"dk {known.command}: error: {message}", file=sys.stderr)
+        print(f"dk {command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print(f"dk {known.command}: interrupted", file=sys.stderr)
+        print(f"dk {command}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if not _run_failure(error):
             raise
-        print(f"dk {known.command}: error: {error}", file=sys.stderr)
+        print(f"dk {command}: error: {error}", file=sys.stderr)
         if _collective_failure(error):  # a broken process group: gloo may abort its teardown
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_FAILURE)
         return EXIT_FAILURE
-    finally:
-        _leave_process_group()
 
 
 def _run_failure(error: Exception) -> bool:
@@ -144,12 +160,16 @@ def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Na
         return parser.parse_args(arguments)
 
 
-def _leave_process_group() -> None:
+def _leave_process_group() -> bool:
     """Destroy the process group a multi-process run created: left to the interpreter's exit,
-    gloo sometimes aborts a finished process ("terminate called without an active exception")."""
+    gloo sometimes aborts a finished process ("terminate called without an active exception").
+    True when there was a group of several processes."""
     distributed = sys.modules.get("torch.distributed")  # never import torch just for this
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    several = distributed.get_world_size() > 1
+    distributed.destroy_process_group()
+    return several
 
 
 @contextlib.contextmanager
