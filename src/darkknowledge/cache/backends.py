@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..llm.heads import last_hidden_states, logits_from_hidden, output_layer, unwrap_model
+from ..losses._checks import check_count
 from .hashing import weights_hash
 
 DEFAULT_CHUNK_SIZE = 256
@@ -87,8 +88,7 @@ class HuggingFaceBackend:
                 f"teacher must be a Hugging Face causal LM (torch.nn.Module) for the default "
                 f"backend, got {type(model).__name__}; pass backend= for other teachers"
             )
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
+        check_count(chunk_size, "chunk_size", "a positive int")
         self.model, self.chunk_size = model, chunk_size
         self.vocab_size = int(output_layer(model).weight.shape[0])
 

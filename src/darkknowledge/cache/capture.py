@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._files import DiskFull, file_sha256, write_durably
-from ..losses._checks import check_temperature
+from ..losses._checks import check_count, check_temperature
 from . import manifest as manifest_file
 from ._processes import Processes, barrier, capture_processes, sum_over_processes
 from .backends import CaptureBackend, HuggingFaceBackend
@@ -96,8 +96,7 @@ def write_teacher_cache(
     """
     request = _request(representation, k, num_samples, temperature, seed, values_dtype)
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_count(value, name, "a positive int")
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")) or len(dataset) == 0:
         raise ValueError("dataset must be a non-empty sequence of examples (len() and [i])")
     capture = (backend or HuggingFaceBackend)(teacher)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -34,6 +36,41 @@ def add_cache_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
         default=os.environ.get("DK_CACHE_DIR", str(Path.home() / ".cache" / "darkknowledge")),
         help=f"{what} (default: $DK_CACHE_DIR or ~/.cache/darkknowledge)",
     )
+
+
+def say(message: str) -> None:
+    """A demo's progress line, flushed: its stages are minutes apart when piped."""
+    print(message, flush=True)
+
+
+def check_at_least_one(flags: dict[str, int | None]) -> None:
+    """Refuse a counting flag below 1, naming it (None: not given). Checked before minutes
+    of training.
+
+    >>> check_at_least_one({"--steps": 3, "--threads": None})
+    >>> check_at_least_one({"--steps": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: --steps must be >= 1, got 0
+    """
+    for flag, value in flags.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (None: left alone) while a demo runs, and restored
+    after it: tests call ``darkknowledge.cli.main`` in their own process."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _DeprecatedOutput(argparse.Action):

@@ -7,7 +7,7 @@ import argparse
 import os
 from dataclasses import replace
 
-from ._flags import add_output_dir_argument
+from ._flags import add_output_dir_argument, check_at_least_one, torch_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,18 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    if args.threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    if args.seeds is not None and args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # tiny matrices: more threads only add contention
-    try:
+    check_at_least_one({"--threads": args.threads, "--seeds": args.seeds})
+    with torch_threads(args.threads):  # tiny matrices: more threads only add contention
         return _classifier(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the process as we found it (tests call main())
 
 
 def _classifier(args: argparse.Namespace) -> int:

@@ -12,7 +12,14 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from ._flags import add_cache_dir_argument, add_output_dir_argument, add_quick_argument
+from ._flags import (
+    add_cache_dir_argument,
+    add_output_dir_argument,
+    add_quick_argument,
+    check_at_least_one,
+    say,
+    torch_threads,
+)
 
 DEFAULT_OUTPUT_DIR = "reports/llm-demo"
 
@@ -34,8 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..llm.demo import QUICK, Recipe, format_table, run_demo
 
     recipe = QUICK if args.quick else Recipe()
@@ -46,12 +51,11 @@ def run(args: argparse.Namespace) -> int:
     }
     recipe = Recipe(**{**asdict(recipe), **overrides})
     _check(recipe, args.threads)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
-    report = run_demo(
-        recipe, cache_dir=Path(args.cache_dir), output_dir=output_dir, log=_say, progress=True
-    )
+    with torch_threads(args.threads):
+        report = run_demo(
+            recipe, cache_dir=Path(args.cache_dir), output_dir=output_dir, log=say, progress=True
+        )
     print(format_table(report))
     teacher = report["models"]["teacher"]
     print(f"teacher weights: {teacher['cache_path']}")
@@ -59,19 +63,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say(message: str) -> None:
-    print(message, flush=True)  # flushed: the stages are minutes apart when piped
-
-
 def _check(recipe, threads: int | None) -> None:
     """Refuse bad flags before minutes of training, naming the flag."""
-    for name in ("teacher_steps", "student_steps"):
-        value = getattr(recipe, name)
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_at_least_one(
+        {"--teacher-steps": recipe.teacher_steps, "--student-steps": recipe.student_steps,
+         "--threads": threads}
+    )  # fmt: skip
     if not 0.0 <= recipe.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {recipe.alpha}")
     if not (recipe.temperature > 0 and math.isfinite(recipe.temperature)):
         raise ValueError(f"--temperature must be finite and > 0, got {recipe.temperature}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")

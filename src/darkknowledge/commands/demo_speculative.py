@@ -8,7 +8,14 @@ import argparse
 import math
 from pathlib import Path
 
-from ._flags import add_cache_dir_argument, add_output_dir_argument, add_quick_argument
+from ._flags import (
+    add_cache_dir_argument,
+    add_output_dir_argument,
+    add_quick_argument,
+    check_at_least_one,
+    say,
+    torch_threads,
+)
 
 DEFAULT_OUTPUT_DIR = "reports/speculative-demo"
 
@@ -46,8 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..llm.speculative_demo import (
         QUICK,
         SpeculativeRecipe,
@@ -65,30 +70,24 @@ def run(args: argparse.Namespace) -> int:
         on_policy=tuple(args.on_policy) if args.on_policy is not None else None,
     )  # fmt: skip
     _check(recipe, args.threads)
+    output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
     # One thread: at these sizes a forward pass is mostly per-call overhead, which a second
     # thread does not shorten, and the timings are steadier on a shared machine.
-    torch.set_num_threads(args.threads or 1)
-    output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
-    report = run_speculative_demo(
-        recipe, cache_dir=Path(args.cache_dir), output_dir=output_dir, log=_say, progress=True
-    )
+    with torch_threads(args.threads or 1):
+        report = run_speculative_demo(
+            recipe, cache_dir=Path(args.cache_dir), output_dir=output_dir, log=say, progress=True
+        )
     print(format_tables(report))
     print(f"report: {output_dir / 'results.json'}, {output_dir / 'speculative.png'}")
     return 0
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
 
 
 def _check(recipe, threads: int | None) -> None:
     """Refuse bad flags before minutes of training, naming the flag."""
     from ..losses._checks import DIVERGENCES
 
-    for name in ("draft_steps", "mtp_steps", "gamma", "prompts", "max_new_tokens", "repeats"):
-        value = getattr(recipe, name)
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    counts = ("draft_steps", "mtp_steps", "gamma", "prompts", "max_new_tokens", "repeats")
+    check_at_least_one({f"--{name.replace('_', '-')}": getattr(recipe, name) for name in counts})
     if not (recipe.temperature > 0 and math.isfinite(recipe.temperature)):
         raise ValueError(f"--temperature must be finite and > 0, got {recipe.temperature}")
     for flag, names in (("--divergences", recipe.divergences), ("--on-policy", recipe.on_policy)):
@@ -100,5 +99,4 @@ def _check(recipe, threads: int | None) -> None:
             f"--max-new-tokens must leave room for the {recipe.prompt_length}-byte prompt in the "
             f"models' {recipe.teacher.block_size} positions, got {recipe.max_new_tokens}"
         )
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    check_at_least_one({"--threads": threads})

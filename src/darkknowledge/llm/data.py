@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..losses._checks import check_count
+
 VOCAB_SIZE = 256
 
 
@@ -49,8 +51,7 @@ def stdlib_corpus(
         ("heldout_bytes", heldout_bytes),
         ("heldout_every", heldout_every),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+        check_count(value, name, "a positive int")
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(root.glob("*.py"))
     if not files:

@@ -252,11 +252,10 @@ def _evaluate_policy(model, eval_data, show_prompt, recipe: RLHFRecipe) -> dict[
 
 def _check(recipe: RLHFRecipe) -> None:
     """Refuse bad settings before minutes of work, naming the flag."""
-    for name in ("steps", "prompts_per_step", "prompt_length", "completion_length"):
-        if getattr(recipe, name) < 1:
-            raise ValueError(
-                f"--{name.replace('_', '-')} must be >= 1, got {getattr(recipe, name)}"
-            )
+    from ..commands._flags import check_at_least_one
+
+    counts = ("steps", "prompts_per_step", "prompt_length", "completion_length")
+    check_at_least_one({f"--{name.replace('_', '-')}": getattr(recipe, name) for name in counts})
     if recipe.group_size < 2:
         raise ValueError(
             f"--group-size must be >= 2 (advantages are normalised within a group), got {recipe.group_size}"
@@ -310,6 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..commands._flags import check_at_least_one, say, torch_threads
+
     recipe = QUICK if args.quick else RLHFRecipe()
     overrides = {
         name: getattr(args, name)
@@ -322,26 +323,16 @@ def run(args: argparse.Namespace) -> int:
     _check(recipe)
     # The quick models are tiny: a second thread only adds contention.
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    if threads is not None and threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    check_at_least_one({"--threads": threads})
     output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
-    previous_threads = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
+    with torch_threads(threads):
         report = run_rlhf_demo(
             recipe,
             cache_dir=Path(args.cache_dir),
             output_dir=output_dir,
-            log=_say,
+            log=say,
             progress=sys.stderr.isatty(),
         )
-    finally:
-        torch.set_num_threads(previous_threads)  # leave the process as found (tests call main)
     print(format_table(report))
     print(f"report: {output_dir / 'results.json'}, {output_dir / 'reward_kl.png'}")
     return 0
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)

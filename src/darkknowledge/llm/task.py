@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import KDLoss, count_valid, fused_linear_cross_entropy
+from ..losses._checks import check_count
 from ..losses.fused import DEFAULT_CHUNK_SIZE, fused_linear_kd_loss
 from ..train.task import TaskOutput
 from .heads import OutputLayer, last_hidden_states, logits_from_hidden, output_layer
@@ -65,9 +66,7 @@ class CausalLMTask:
         ignore_index: int = -100,
         vocab_size: int | None = None,
     ) -> None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_count(chunk_size, "chunk_size", "a positive int")
         self.ignore_index = ignore_index
         self.vocab_size = vocab_size
 

@@ -25,10 +25,11 @@ def check_positive(value: object, name: str, kind: str = "a number > 0") -> floa
     return float(value)
 
 
-def check_count(value: object, name: str) -> int:
-    """An integer >= 1 (not a bool): a chunk size, a number of steps, a layer width."""
+def check_count(value: object, name: str, kind: str = "an integer >= 1") -> int:
+    """An integer >= 1 (not a bool): a chunk size, a number of steps, a layer width. The one
+    count check of the package; ``kind`` words the requirement in the message."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        raise ValueError(f"{name} must be {kind}, got {name}={value!r}")
     return value
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._files import atomic_path
+from ..losses._checks import check_count
 
 # The safetensors metadata key that holds a saved set of heads' spec (JSON).
 SPEC_KEY = "darkknowledge.mtp"
@@ -119,10 +120,10 @@ class MTPHeads(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        _check_positive_int(hidden_size, "hidden_size")
-        _check_positive_int(num_depths, "num_depths")
+        check_count(hidden_size, "hidden_size")
+        check_count(num_depths, "num_depths")
         intermediate_size = 4 * hidden_size if intermediate_size is None else intermediate_size
-        _check_positive_int(intermediate_size, "intermediate_size")
+        check_count(intermediate_size, "intermediate_size")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
@@ -273,7 +274,7 @@ class SequentialMTPModules(MTPHeads):
         eps: float = 1e-5,
     ) -> None:
         if embedding_size is not None:  # the default, hidden_size, is checked by MTPHeads
-            _check_positive_int(embedding_size, "embedding_size")
+            check_count(embedding_size, "embedding_size")
         # A plain int may be set before nn.Module.__init__; MTPHeads.__init__ builds the
         # layers, and new_layer reads it.
         self.embedding_size = hidden_size if embedding_size is None else embedding_size
@@ -385,8 +386,3 @@ def _shift_left(values: torch.Tensor, offset: int) -> torch.Tensor:
     kept = values[:, offset:]
     filler = values.new_zeros(values.shape[0], min(offset, length), values.shape[2])
     return torch.cat([kept, filler], dim=1)
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..llm.heads import last_hidden_states, logits_from_hidden, output_layer
+from ..losses._checks import check_count
 from .acceptance import acceptance_rate
 from .drafter import fit_vocabulary
 from .verify import Sampler, check_sampling
@@ -71,8 +72,7 @@ def offline_acceptance_rate(
     from ..llm.task import CausalLMTask
 
     check_sampling(temperature, greedy, None)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got chunk_size={chunk_size!r}")
+    check_count(chunk_size, "chunk_size", "a positive int")
     sampler = Sampler(float(temperature), greedy)
     reader = CausalLMTask(ignore_index=ignore_index)
     target_layer, draft_layer = output_layer(target), output_layer(draft)
