@@ -28,6 +28,4 @@ def _test_accelerator(mixed_precision: str):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     accelerate_module.make_accelerator = _test_accelerator  # the test-only seam, see above
-    code = main(sys.argv[1:])
-    fsdp_worker.end_processes()
-    sys.exit(code)
+    fsdp_worker.end_processes(main(sys.argv[1:]))

@@ -252,13 +252,16 @@ def reference(spec: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def end_processes() -> None:
-    """Destroy the process group before the interpreter exits: otherwise gloo's worker threads
-    may still hold tensors during interpreter finalization and the process can end with
-    SIGABRT ("terminate called without an active exception") after a complete run; seen twice
-    in about 25 launches here, and a known PyTorch issue (pytorch/pytorch#190489)."""
+def end_processes(code: int = 0) -> None:
+    """Destroy the process group, then leave without the interpreter's finalization, as `dk`
+    does (darkknowledge.cli.main): gloo's worker threads can abort a finished process during
+    finalization even after the group is destroyed ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489), seen about once in 25 launches here."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
