@@ -20,8 +20,12 @@ import darkknowledge as dk
 sys.path.insert(0, str(Path(__file__).parents[1] / "faults"))
 from kill_harness import random_plan, run_with_kills, temporary_folders
 
+from same_files import assert_same_file
+
 WORKER = Path(__file__).with_name("training_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+# The single-process runs in this process compare with the subprocesses: the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +36,8 @@ def cache_folder(tmp_path_factory):
 
 
 def _one_process(cache_folder: Path, out: Path) -> Path:
-    """The uninterrupted single-process run, on one thread as the subprocesses are."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(cache_folder, out)
-    finally:
-        torch.set_num_threads(threads)
+    """The uninterrupted single-process run (on one thread, as the subprocesses are)."""
+    train(cache_folder, out)
     return out / "student" / "model.safetensors"
 
 
@@ -64,7 +63,7 @@ def test_cached_training_two_processes_match_one(cache_folder, tmp_path):
 def test_cached_training_resumes_bitwise_after_kills(cache_folder, tmp_path):
     """Two SIGKILLs (the second aimed inside a checkpoint write) then --resume: the student's file is the
     uninterrupted run's, byte for byte (shuffled data over 4 epochs, DataLoader workers)."""
-    reference = _one_process(cache_folder, tmp_path / "reference").read_bytes()
+    reference = _one_process(cache_folder, tmp_path / "reference")
     killed = tmp_path / "killed"
     command = [sys.executable, str(WORKER), str(cache_folder), str(killed)]
     plan = random_plan(seed=3, kills=2, max_delay=0.3)
@@ -72,4 +71,4 @@ def test_cached_training_resumes_bitwise_after_kills(cache_folder, tmp_path):
     kills = [attempt for attempt in attempts if attempt.killed]
     assert len(kills) == 2, [(a.kill, a.killed, a.seconds) for a in attempts]
     assert not temporary_folders(killed)
-    assert (killed / "student" / "model.safetensors").read_bytes() == reference
+    assert_same_file(killed / "student" / "model.safetensors", reference)

@@ -14,6 +14,7 @@ from kill_harness import DK  # noqa: F401  (re-exported for the tests)
 from darkknowledge._files import file_sha256
 from darkknowledge.cache.manifest import MANIFEST, read_manifest
 from darkknowledge.train import checkpoint as ckpt
+from same_files import assert_same_file
 
 THROUGHPUT = ("steps_per_s", "positions_per_s", "seconds")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -37,11 +38,11 @@ def check_checkpoints(stage: Path, reference: Path) -> int:
         ckpt.verify(folder)  # every file of the manifest, size and CRC-32
         for name in SAME_AS_REFERENCE:
             ours, theirs = folder / name, reference / ckpt.CHECKPOINTS / folder.name / name
-            assert ours.read_bytes() == theirs.read_bytes(), f"{ours} differs from {theirs}"
+            assert_same_file(ours, theirs)
         checked += 1
     model = stage / "model.safetensors"
     if model.exists():
-        assert model.read_bytes() == (reference / "model.safetensors").read_bytes(), model
+        assert_same_file(model, reference / "model.safetensors")
     return checked
 
 
@@ -50,10 +51,10 @@ def check_cache(cache: Path, reference: Path) -> int:
     the reference's and every shard it names verifies. Returns the shards on disk."""
     shards = sorted(cache.glob("shard-*.safetensors"))
     for shard in shards:
-        assert shard.read_bytes() == (reference / shard.name).read_bytes(), shard
+        assert_same_file(shard, reference / shard.name)
     if (cache / MANIFEST).exists():
         manifest = read_manifest(cache)
-        assert (cache / MANIFEST).read_bytes() == (reference / MANIFEST).read_bytes()
+        assert_same_file(cache / MANIFEST, reference / MANIFEST)
         for entry in manifest["shards"]:
             assert file_sha256(cache / entry["file"]) == entry["sha256"], entry["file"]
     return len(shards)

@@ -20,6 +20,7 @@ from faultkit import DK, ENV
 
 from darkknowledge.cli import main
 from darkknowledge.train import checkpoint as ckpt
+from same_files import assert_same_file, assert_same_folder
 
 # A student whose checkpoint is about 230 KB (weights 77 KB, AdamW's moments twice that), a
 # checkpoint every 10 steps, the newest 2 kept: the third checkpoint does not fit in 560 KB.
@@ -74,12 +75,12 @@ def _in_tmpfs(
     return done, remains
 
 
-def _reference(tmp_path: Path, config: Path) -> bytes:
+def _reference(tmp_path: Path, config: Path) -> Path:
     assert main(["distill", str(config), f"train.output_dir={tmp_path / 'reference'}"]) == 0
-    return (tmp_path / "reference" / "student" / "model.safetensors").read_bytes()
+    return tmp_path / "reference" / "student" / "model.safetensors"
 
 
-def _check_stopped_and_resumable(done, run: Path, config: Path, reference: bytes) -> Path:
+def _check_stopped_and_resumable(done, run: Path, config: Path, reference: Path) -> Path:
     """One line naming the file and the last good checkpoint, which verifies; nothing
     half-written is left; ``--resume`` on a disk with space ends as the uninterrupted run."""
     assert done.returncode == 1, done.stderr[-3000:]
@@ -98,7 +99,7 @@ def _check_stopped_and_resumable(done, run: Path, config: Path, reference: bytes
         env=ENV, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (run / "student" / "model.safetensors").read_bytes() == reference
+    assert_same_file(run / "student" / "model.safetensors", reference)
     return Path(found["file"])
 
 
@@ -185,6 +186,4 @@ def test_disk_full_during_a_cache_capture_keeps_the_shards_written(tmp_path):
     again = subprocess.run([*DK, "cache-teacher", str(config), f"teacher.cache={moved}"],
                            env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p.name: p.read_bytes() for p in moved.iterdir()} == {
-        p.name: p.read_bytes() for p in (tmp_path / "reference").iterdir()
-    }
+    assert_same_folder(moved, tmp_path / "reference")

@@ -14,6 +14,7 @@ import yaml
 
 from darkknowledge.cli import main
 from darkknowledge.config import check_config
+from same_files import assert_same_file
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "faults"))
 from kill_harness import random_plan, run_with_kills
@@ -151,8 +152,9 @@ def test_on_policy_config_kill_and_resume_end_bitwise_equal(tmp_path):
     attempts = run_with_kills(command, [*command, "--resume"], killed, plan, env=env, timeout=300)
     assert sum(a.killed for a in attempts) >= 2, [(a.kill, a.killed, a.seconds) for a in attempts]
     for stage in ("teacher", "student"):
-        ours = (killed / stage / "model.safetensors").read_bytes()
-        assert ours == (reference / stage / "model.safetensors").read_bytes(), stage
+        assert_same_file(
+            killed / stage / "model.safetensors", reference / stage / "model.safetensors"
+        )
         assert _records(killed / stage / "metrics.jsonl") == _records(
             reference / stage / "metrics.jsonl"
         ), stage

@@ -1,0 +1,17 @@
+"""Fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread, as the subprocesses the tests start are
+    (``OMP_NUM_THREADS=1``): a matmul split over two threads rounds differently, so a run in the
+    test's own process is bitwise-comparable with one in a subprocess only on the same count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
