@@ -43,12 +43,16 @@ class _Process:
     def __init__(self, command: Sequence[str], env, zygote: Zygote | None) -> None:
         self.zygote, self.returncode = zygote, None
         if zygote is None:
+            # A session of its own: a kill takes the command's whole process group, DataLoader
+            # workers included. A worker forked in the instant its parent is killed records
+            # init as its parent and never sees it die; it would hold stderr open for ever.
             self.popen = subprocess.Popen(
                 list(command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                text=True,
+                text=True, start_new_session=True,
             )  # fmt: skip
+            self.pid = self.popen.pid
         else:
-            self.pid = zygote.start(command)
+            self.pid = zygote.start(command)  # the zygote makes it a process group's leader
 
     def poll(self) -> int | None:
         if self.zygote is None:
@@ -58,10 +62,9 @@ class _Process:
         return self.returncode
 
     def kill(self) -> None:
-        if self.zygote is None:
-            self.popen.send_signal(signal.SIGKILL)
-        else:
-            os.kill(self.pid, signal.SIGKILL)
+        """SIGKILL to the command and every process it started."""
+        with contextlib.suppress(ProcessLookupError):  # the group already gone
+            os.killpg(self.pid, signal.SIGKILL)
 
     def finish(self, timeout: float) -> tuple[int, str]:
         """Wait for the end: the return code and stderr."""
@@ -69,14 +72,14 @@ class _Process:
             try:
                 _, stderr = self.popen.communicate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
+                self.kill()
                 self.popen.communicate()
                 raise
             return self.popen.returncode, stderr
         if self.returncode is None:
             self.returncode = self.zygote.exit_code(wait=timeout)
         if self.returncode is None:
-            os.kill(self.pid, signal.SIGKILL)
+            self.kill()
             self.zygote.exit_code(wait=60.0)
             raise subprocess.TimeoutExpired(str(self.pid), timeout)
         return self.returncode, self.zygote.stderr.read_text(errors="replace")

@@ -22,6 +22,10 @@ from darkknowledge.cli import main
 from darkknowledge.train import checkpoint as ckpt
 from same_files import assert_same_file, assert_same_folder
 
+# The uninterrupted reference runs in this process and is compared byte for byte with
+# what the killed subprocesses (OMP_NUM_THREADS=1) wrote: the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # A student whose checkpoint is about 230 KB (weights 77 KB, AdamW's moments twice that), a
 # checkpoint every 10 steps, the newest 2 kept: the third checkpoint does not fit in 560 KB.
 CONFIG = {

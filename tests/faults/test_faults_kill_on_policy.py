@@ -17,6 +17,10 @@ from kill_harness import CHECKPOINTS, Kill, Watch, Zygote, run_with_kills
 from darkknowledge.cli import main
 from same_files import assert_same_file
 
+# The uninterrupted reference runs in this process and is compared byte for byte with
+# what the killed subprocesses (OMP_NUM_THREADS=1) wrote: the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KILLS = 20
 MODULES = (
     "darkknowledge.commands._build_llm", "darkknowledge.llm.on_policy",

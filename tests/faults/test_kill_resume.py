@@ -18,6 +18,10 @@ from kill_harness import Zygote, random_plan, run_with_kills, temporary_folders
 from darkknowledge.cli import main
 from same_files import assert_same_file
 
+# The uninterrupted reference runs in this process and is compared byte for byte with
+# what the killed subprocesses (OMP_NUM_THREADS=1) wrote: the same thread count.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 KILLS = 20
 # A teacher stage and a student stage, a checkpoint every 3 steps (the newest 2 kept), dropout
 # and shuffling: a resume must restore weights, optimizer, RNG and data position exactly.

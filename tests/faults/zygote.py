@@ -14,6 +14,7 @@ ended (``-9`` when killed).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -55,7 +56,10 @@ def serve(modules: list[str]) -> None:
         request = json.loads(line)
         pid = os.fork()
         if pid == 0:
+            os.setpgid(0, 0)  # its own process group, which the harness kills whole
             _child(request["argv"], request["stderr"])
+        with contextlib.suppress(OSError):  # also here: the group exists before the pid is sent
+            os.setpgid(pid, pid)
         reply.write(json.dumps({"pid": pid}) + "\n")
         reply.flush()
         _, status = os.waitpid(pid, 0)
