@@ -15,3 +15,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_gpt2():
+    """``tiny_gpt2(seed, **config)``: a GPT-2 of a few thousand parameters (tests/llm)."""
+    from tiny_models import tiny_gpt2  # tests/llm, on sys.path for the tests beside it
+
+    return tiny_gpt2

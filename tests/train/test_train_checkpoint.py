@@ -14,6 +14,9 @@ from trainkit import loader, mlp, points, state, teacher_mlp
 import darkknowledge as dk
 from darkknowledge.train import checkpoint as ckpt
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _distiller(output_dir, max_steps, **options):
     # Dropout and a shuffled loader: a resumed run must restore the RNG and the data position.

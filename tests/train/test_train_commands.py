@@ -11,6 +11,9 @@ import yaml
 
 from darkknowledge.cli import main
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CONFIG = {
     "teacher": {"hidden": [16], "train_steps": 4},
     "student": {"hidden": [8]},

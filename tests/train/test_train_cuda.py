@@ -10,7 +10,10 @@ from trainkit import loader, mlp, points, state, teacher_mlp
 
 import darkknowledge as dk
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.mark.parametrize("mixed_precision", ["no", "bf16", "fp16"])

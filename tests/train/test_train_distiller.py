@@ -12,6 +12,9 @@ from trainkit import loader, mlp, points, state, teacher_mlp
 import darkknowledge as dk
 from darkknowledge.losses import kd_loss
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_distiller_loss_falls_and_teacher_stays_frozen(tmp_path):
     teacher, student = teacher_mlp(), mlp(0)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DOC = Path(__file__).parents[2] / "docs" / "training.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 

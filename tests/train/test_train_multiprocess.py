@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from trainkit import loader, mlp, points, teacher_mlp
 
 import darkknowledge as dk
+
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HERE = Path(__file__).parent
 

@@ -8,6 +8,9 @@ import torch
 
 import darkknowledge as dk
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 
 

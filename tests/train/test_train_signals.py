@@ -11,6 +11,9 @@ from trainkit import loader, mlp, points, teacher_mlp
 import darkknowledge as dk
 from darkknowledge.train import checkpoint as ckpt
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _distiller(output_dir, max_steps, **options):
     return dk.Distiller(

@@ -12,6 +12,9 @@ from trainkit import loader, mlp, points, teacher_mlp
 import darkknowledge as dk
 from darkknowledge.train.fsdp import check_versions
 
+# Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _distiller(**options) -> dk.Distiller:
     data = loader(points(32), 16)

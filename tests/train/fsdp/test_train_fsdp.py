@@ -55,7 +55,10 @@ def _fsdp2_missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_fsdp2_missing() is not None, reason=str(_fsdp2_missing()))
+pytestmark = [
+    pytest.mark.skipif(_fsdp2_missing() is not None, reason=str(_fsdp2_missing())),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _command(script: str, *args: str, wrap: bool = False) -> list[str]:
