@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from darkknowledge.cli import main
@@ -158,3 +159,31 @@ def test_on_policy_config_kill_and_resume_end_bitwise_equal(tmp_path):
         assert _records(killed / stage / "metrics.jsonl") == _records(
             reference / stage / "metrics.jsonl"
         ), stage
+
+
+def test_on_policy_config_with_a_padded_student_samples_the_shared_vocabulary(tmp_path):
+    """A teacher of 260 ids (the 256 bytes and 4 more) and a student padded to 264 rows: dk
+    distill samples only the 260 (before: refused at the first sampled step) and the padding
+    rows, never sampled nor a target, keep their values."""
+    from safetensors.torch import load_file
+
+    teacher = {**CONFIG["teacher"], "args": {**CONFIG["teacher"]["args"], "vocab_size": 260}}
+    student = {**CONFIG["student"], "args": {**CONFIG["student"]["args"], "vocab_size": 264}}
+    raw = {
+        **CONFIG,
+        "teacher": {**teacher, "train_steps": 2},
+        "student": student,
+        "distill": {**CONFIG["distill"], "on_policy": {"fraction": 1.0}},
+        "train": {**CONFIG["train"], "max_steps": 3, "output_dir": str(tmp_path / "run")},
+    }
+    assert main(["distill", _write(tmp_path, raw)]) == 0
+    run = tmp_path / "run" / "student"
+    train = [r for r in _records(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(train) == 3 and all(r["hard"] == 0.0 for r in train)  # every step sampled
+    final = load_file(run / "model.safetensors")
+    at_two = load_file(run / "checkpoints" / "step-00000002" / "student.safetensors")
+    name = next(k for k in final if k.endswith("wte.weight"))
+    at_two = next(v for k, v in at_two.items() if k.endswith("wte.weight"))
+    assert final[name].shape[0] == 264
+    assert not torch.equal(final[name][:260], at_two[:260])  # step 3 trained the shared rows
+    assert torch.equal(final[name][260:], at_two[260:])  # and left the padding alone

@@ -12,6 +12,7 @@ from onpolicy_kit import VOCAB, parameters, prompt_batches, tiny_gpt2
 
 import darkknowledge as dk
 from darkknowledge.llm import CausalLMTask, GenerateSampler, OnPolicyTask, shift_labels
+from darkknowledge.llm.generation import Completions
 from darkknowledge.llm.on_policy import SAMPLED
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
@@ -169,25 +170,97 @@ def _gpt2(seed: int, vocab: int, n_embd: int = 16):
     return transformers.GPT2LMHeadModel(config)
 
 
+def _without_padding(model, rows: int):
+    """The same GPT-2 with only the first ``rows`` rows of its (tied) embedding and output
+    layer: the student a padded one must train as."""
+    cut = _gpt2(0, rows)
+    with torch.no_grad():
+        for name, param in cut.named_parameters():
+            param.copy_(dict(model.named_parameters())[name][: param.shape[0]])
+    return cut
+
+
 @pytest.mark.parametrize(
     ("student_vocab", "teacher_vocab", "vocab_size"),
     [(256, 250, None), (64, 40, 40), (40, 40, 32)],  # padded student; explicit cuts
 )
-def test_on_policy_student_vocabulary_beyond_the_kept_one_is_refused(
+def test_on_policy_student_vocabulary_beyond_the_kept_one_is_cut(
     student_vocab, teacher_vocab, vocab_size
 ):
-    """The student samples from all of its rows: ids the teacher cannot embed (before: an
-    IndexError from the teacher's embedding, when such an id was drawn) or that the loss cuts
-    away. Refused on the first sampled step, whatever was drawn, naming both sizes."""
-    student, teacher = _gpt2(0, student_vocab), _gpt2(1, teacher_vocab, n_embd=24)
-    batches = prompt_batches(1)
+    """A student with more rows than the vocabulary the loss keeps samples only kept ids (the
+    teacher could not score the others: before, an IndexError in its embedding, then a
+    refusal) and trains exactly as the same student without the extra rows; those rows never
+    move."""
+    padded, teacher = _gpt2(0, student_vocab), _gpt2(1, teacher_vocab, n_embd=24)
     kept = vocab_size or teacher_vocab
-    message = rf"output layer of {student_vocab} rows, .* has {teacher_vocab} rows and the loss keeps the first {kept} ids"
-    task = OnPolicyTask(fraction=1.0, vocab_size=vocab_size)
+    unpadded = _without_padding(padded, kept)
+    initial = parameters(padded)
+    batches = [{**b, "input_ids": b["input_ids"] % kept} for b in prompt_batches(3)]  # its text
+
+    def fit(student):
+        task = OnPolicyTask(fraction=1.0, vocab_size=vocab_size)
+        distiller = dk.Distiller(
+            student, teacher, batches, task=task, temperature=2.0, alpha=0.5, optimizer="sgd",
+            learning_rate=0.5, max_steps=3, log_every=1, progress=False,
+        )  # fmt: skip
+        first = task.prepare_batch(student, batches[0], step=0)["input_ids"]
+        distiller.fit()
+        return first, parameters(distiller.accelerator.unwrap_model(distiller.student))
+
+    (sampled, ours), (wanted, theirs) = fit(padded), fit(unpadded)
+    assert int(sampled.max()) < kept and torch.equal(sampled, wanted)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name][: value.shape[0]], value, rtol=1e-5, atol=1e-6)
+    embedding = "transformer.wte.weight"
+    assert not torch.equal(ours[embedding][:kept], initial[embedding][:kept])  # it trained
+    assert torch.equal(
+        ours[embedding][kept:], initial[embedding][kept:]
+    )  # never sampled, never moved
+
+
+def test_on_policy_padded_student_without_bind_is_refused():
+    """``prepare_batch`` by hand never met the teacher: the sampled batch is refused before
+    the teacher reads it, with the two ways out."""
+    student, teacher = _gpt2(0, 256), _gpt2(1, 250, n_embd=24)
+    task = OnPolicyTask(fraction=1.0)
+    sampled = task.prepare_batch(student, prompt_batches(1)[0], step=0)
+    message = r"sampled from 256 ids, .* has 250 rows and the loss keeps the first 250 ids.*vocab_size=250"
     with pytest.raises(ValueError, match=message):
-        dk.Distiller(
-            student, teacher, batches, task=task, temperature=2.0, max_steps=1, progress=False
-        ).fit()
+        dk.train.task.frozen_outputs(task, teacher, sampled)
+    OnPolicyTask(fraction=1.0, vocab_size=250).prepare_batch(student, prompt_batches(1)[0], step=0)
+
+
+class _NoCut:
+    """A sampler of the documented call without the optional ``vocab_size``."""
+
+    def __call__(self, model, prompt_ids, prompt_mask, *, max_new_tokens, seeds):
+        return GenerateSampler()(
+            model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, seeds=seeds
+        )
+
+
+class _IgnoresCut:
+    """Takes ``vocab_size`` and writes the padded student's last id anyway."""
+
+    def __call__(self, model, prompt_ids, prompt_mask, *, max_new_tokens, seeds, vocab_size=None):
+        ids = torch.full((prompt_ids.shape[0], max_new_tokens), 255)
+        return Completions(ids, torch.ones_like(ids, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("sampler", "message"),
+    [(_NoCut(), "sampler _NoCut takes no vocab_size keyword"),
+     (_IgnoresCut(), "sampler _IgnoresCut was given vocab_size=250 but wrote id 255")],
+)  # fmt: skip
+def test_on_policy_padded_student_needs_a_sampler_that_cuts(sampler, message):
+    student, teacher = _gpt2(0, 256), _gpt2(1, 250, n_embd=24)
+    task = OnPolicyTask(fraction=1.0, sampler=sampler)
+    distiller = dk.Distiller(
+        student, teacher, prompt_batches(1), task=task, temperature=2.0, max_steps=1,
+        progress=False,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        distiller.fit()
 
 
 @pytest.mark.parametrize("objective", ["divergence", "sampled_reverse_kl"])

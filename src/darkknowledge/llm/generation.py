@@ -15,11 +15,14 @@ distribution by inverse-CDF sampling with uniform noise drawn from the row's see
 
 A serving engine plugs in by implementing the same call; see docs/on-policy.md (vLLM: one
 request per row with ``SamplingParams(seed=...)``, the student's weights pushed to the engine
-before sampling).
+before sampling). A sampler that also takes a ``vocab_size`` keyword can distil a student whose
+output layer is padded beyond the vocabulary it shares with the teacher: it is then asked for
+ids below ``vocab_size`` only (:func:`takes_vocab_size`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -39,7 +42,11 @@ class Completions(NamedTuple):
 @runtime_checkable
 class Sampler(Protocol):
     """Completions of ``prompt_ids`` ``(B, P)`` (left-padded, ``prompt_mask`` 1 at real tokens)
-    by ``model``, at most ``max_new_tokens`` each, row ``b`` drawn from ``seeds[b]`` alone."""
+    by ``model``, at most ``max_new_tokens`` each, row ``b`` drawn from ``seeds[b]`` alone.
+
+    Optional: a ``vocab_size`` keyword (int or None), given only when the student's output
+    layer has rows beyond the vocabulary that the loss keeps (a padded student); the sampler
+    then draws from the first ``vocab_size`` logits alone, renormalised."""
 
     def __call__(
         self,
@@ -144,7 +151,10 @@ class GenerateSampler:
         *,
         max_new_tokens: int,
         seeds: torch.Tensor,
+        vocab_size: int | None = None,
     ) -> Completions:
+        """``vocab_size``: sample among the first ``vocab_size`` ids only (a padded student's
+        extra rows are never drawn); None: every row of the output layer."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         inner = unwrap_model(model)
@@ -163,7 +173,7 @@ class GenerateSampler:
             # [] and not None: None would fall back on the model's own end-of-sequence token.
             eos_token_id=[] if self.eos_token_id is None else [self.eos_token_id],
         )
-        chooser = _choice_processor(self, uniforms, width)
+        chooser = _choice_processor(self, uniforms, width, vocab_size)
         was_training = inner.training
         inner.eval()
         try:
@@ -201,16 +211,37 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None, got top_p={top_p!r}")
 
 
-def _choice_processor(sampler: GenerateSampler, uniforms: torch.Tensor, width: int) -> Any:
+def takes_vocab_size(sampler: Any) -> bool:
+    """Whether ``sampler`` can be asked for ids below a ``vocab_size`` (see :class:`Sampler`).
+
+    >>> takes_vocab_size(GenerateSampler()), takes_vocab_size(lambda model, ids, mask, **kw: 0)
+    (True, True)
+    >>> takes_vocab_size(lambda model, ids, mask, *, max_new_tokens, seeds: 0)
+    False
+    """
+    try:
+        parameters = inspect.signature(sampler).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return False
+    return any(
+        (p.name == "vocab_size" and p.kind != p.POSITIONAL_ONLY) or p.kind == p.VAR_KEYWORD
+        for p in parameters
+    )
+
+
+def _choice_processor(
+    sampler: GenerateSampler, uniforms: torch.Tensor, width: int, vocab_size: int | None
+) -> Any:
     """A transformers ``LogitsProcessor`` that picks the token (:func:`pick_tokens` with the
-    step's uniforms) and leaves it the only finite logit, so greedy decoding emits it."""
+    step's uniforms, among the first ``vocab_size`` ids when given) and leaves it the only
+    finite logit, so greedy decoding emits it."""
     from transformers import LogitsProcessor
 
     class _Choose(LogitsProcessor):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
             step = input_ids.shape[1] - width  # tokens generated so far
             tokens = pick_tokens(
-                scores, uniforms[:, step], temperature=sampler.temperature,
+                scores[:, :vocab_size], uniforms[:, step], temperature=sampler.temperature,
                 top_k=sampler.top_k, top_p=sampler.top_p,
             )  # fmt: skip
             chosen = torch.full_like(scores, float("-inf"))

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..losses import KDLoss
 from ..losses.engine.call import resolve_soft_scale
-from .generation import Completions, GenerateSampler, Sampler
+from .generation import Completions, GenerateSampler, Sampler, takes_vocab_size
 from .heads import output_layer
 from .sampled_kl import sampled_reverse_kl_loss, token_logprobs
 from .task import CausalLMTask, StudentPass, TeacherOutputs, _to
@@ -61,8 +61,11 @@ class OnPolicyTask(CausalLMTask):
         chunk_size, ignore_index, vocab_size: as :class:`CausalLMTask`.
 
     Batches must say where prompts end: ``prompt_lengths`` ``(B,)`` or ``completion_mask``.
-    The student samples from its whole output layer, so that layer may not be larger than the
-    vocabulary the loss keeps (a ValueError naming both sizes; a larger teacher is cut).
+    The student samples only ids that the loss keeps: when its output layer is larger (a
+    student padded beyond the teacher's vocabulary, or ``vocab_size`` below its size) the
+    sampler is asked for the first ``V`` ids alone, ``V`` the vocabulary both models share
+    (:meth:`bind` learns it from the teacher; a larger teacher is cut as in
+    :class:`CausalLMTask`).
     """
 
     needs_teacher = True
@@ -95,6 +98,18 @@ class OnPolicyTask(CausalLMTask):
             raise TypeError(f"sampler must be a callable Sampler, got {type(sampler).__name__}")
         self.fraction, self.sampler, self.objective = float(fraction), sampler, objective
         self.max_new_tokens, self.seed = max_new_tokens, int(seed)
+        self._shared_vocab: int | None = None  # learnt by bind(): the ids the student may write
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Learn the vocabulary that the student may sample from: the one it shares with the
+        teacher (:func:`~darkknowledge.llm.vocab.shared_vocab_size`, a ValueError for two
+        tokenizers). Called by the Distiller before the first step."""
+        if teacher is not None:
+            self._shared_vocab = shared_vocab_size(
+                output_layer(student).weight.shape[0],
+                output_layer(teacher).weight.shape[0],
+                vocab_size=self.vocab_size,
+            )
 
     # -- the step's batches ------------------------------------------------------------------
     def on_policy(self, step: int) -> bool:
@@ -113,17 +128,36 @@ class OnPolicyTask(CausalLMTask):
         prompt_ids, prompt_mask, lengths = split_prompts(batch)
         seeds = row_seeds(prompt_ids, prompt_mask, seed=self.seed, step=step)
         count = self.max_new_tokens or max(int(lengths.max()), 1)
+        rows = output_layer(student).weight.shape[0]
+        limit = self._sample_limit(rows)
+        cut = {} if limit is None else {"vocab_size": limit}
         completions = self.sampler(
-            student, prompt_ids, prompt_mask, max_new_tokens=count, seeds=seeds
+            student, prompt_ids, prompt_mask, max_new_tokens=count, seeds=seeds, **cut
         )
+        if limit is not None:
+            check_below(completions, limit, self.sampler)
         if self.max_new_tokens is None:  # each row as long as its completion in the data
             kept = torch.arange(count, device=lengths.device) < lengths.unsqueeze(-1)  # (B, M)
             completions = completions._replace(
                 mask=completions.mask & kept.to(completions.mask.device)
             )
         # The ids the student could write: the teacher checks that it reads them all.
-        rows = output_layer(student).weight.shape[0]
-        return {**sampled_batch(prompt_ids, prompt_mask, completions), STUDENT_ROWS: rows}
+        written = rows if limit is None else limit
+        return {**sampled_batch(prompt_ids, prompt_mask, completions), STUDENT_ROWS: written}
+
+    def _sample_limit(self, rows: int) -> int | None:
+        """How many of the student's ``rows`` ids it may sample: None for all of them."""
+        shared = self._shared_vocab if self._shared_vocab is not None else self.vocab_size
+        if shared is None or shared >= rows:
+            return None
+        if not takes_vocab_size(self.sampler):
+            raise ValueError(
+                f"the student's output layer has {rows} rows but the vocabulary the loss keeps "
+                f"is {shared} ids, and the sampler {type(self.sampler).__name__} takes no "
+                "vocab_size keyword to sample below it: add one (see Sampler), or give the "
+                f"student {shared} rows (resize_token_embeddings)"
+            )
+        return shared
 
     # -- the loss --------------------------------------------------------------------------
     def teacher_outputs(self, teacher: nn.Module, batch: Any) -> TeacherOutputs:
@@ -194,25 +228,36 @@ class OnPolicyTask(CausalLMTask):
 def check_sampled_vocabulary(
     student_rows: int, teacher_rows: int, vocab_size: int | None = None
 ) -> None:
-    """Refuse to distil on samples of a student whose output layer (``student_rows``) is larger
-    than the vocabulary that the loss keeps (``vocab_size``, or what
-    :func:`~darkknowledge.llm.vocab.shared_vocab_size` cuts both layers to): its samples may
-    hold ids that the teacher has no embedding for, or that the cut loss drops.
+    """Refuse a sampled batch whose ids may reach past the vocabulary that the loss keeps
+    (``vocab_size``, or what :func:`~darkknowledge.llm.vocab.shared_vocab_size` cuts both
+    layers to): ``student_rows`` is how many ids the student sampled from. That happens only
+    when :meth:`OnPolicyTask.bind` never saw the teacher (``prepare_batch`` called by hand).
 
     >>> check_sampled_vocabulary(250, 256)  # a padded teacher is cut to the student's 250
     >>> check_sampled_vocabulary(256, 250)
     Traceback (most recent call last):
     ...
-    ValueError: on-policy distillation samples from the student's whole output layer of 256 rows, ...
+    ValueError: the student sampled from 256 ids, but the teacher's output layer has 250 rows ...
     """
     shared = shared_vocab_size(student_rows, teacher_rows, vocab_size=vocab_size)
     if shared is not None and shared < student_rows:
         raise ValueError(
-            f"on-policy distillation samples from the student's whole output layer of "
-            f"{student_rows} rows, but the teacher's has {teacher_rows} rows and the loss keeps "
-            f"the first {shared} ids: a sampled id >= {shared} has no teacher probability. Use a "
-            f"student whose output layer has at most {shared} rows (resize_token_embeddings), "
-            "or distil off-policy (fraction=0)"
+            f"the student sampled from {student_rows} ids, but the teacher's output layer has "
+            f"{teacher_rows} rows and the loss keeps the first {shared} ids: a sampled id >= "
+            f"{shared} has no teacher probability. Train through dk.Distiller (it calls "
+            f"task.bind(student, teacher), which cuts the sampling to {shared} ids), or pass "
+            f"vocab_size={shared} to OnPolicyTask"
+        )
+
+
+def check_below(completions: Completions, limit: int, sampler: Any) -> None:
+    """A sampler asked for ids below ``limit`` that wrote one at or above it: refused, naming it
+    (one host sync, after generation has synchronised anyway)."""
+    written = completions.ids[completions.mask.bool()]
+    if written.numel() and int(written.max()) >= limit:
+        raise ValueError(
+            f"the sampler {type(sampler).__name__} was given vocab_size={limit} but wrote id "
+            f"{int(written.max())}: a sampler must draw ids below its vocab_size"
         )
 
 

@@ -124,6 +124,9 @@ class Distiller:
         self.teacher = None
         if teacher is not None:
             self.teacher = freeze_teacher(teacher, teacher_dtype, teacher_device or acc.device)
+        bind = getattr(self.task, "bind", None)  # optional: a task that reads the models' shapes
+        if bind is not None:
+            bind(student, self.teacher)
         learned = isinstance(temperature, torch.nn.Module) and teacher is not None
         temperature_module = temperature if learned else None  # without a teacher: no soft term
         check_temperature(acc, learned)  # FSDP2 prepares one model

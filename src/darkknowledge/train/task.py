@@ -17,6 +17,9 @@ The protocol (also implemented by ``darkknowledge.llm.task.CausalLMTask``):
 - optional ``prepare_batch(student, batch, *, step) -> batch``: called on each micro-batch of
   a step before its valid positions are counted, under the accelerator's autocast (on-policy
   distillation, :class:`darkknowledge.llm.OnPolicyTask`, samples completions there).
+- optional ``bind(student, teacher) -> None``: called once when the Distiller is built, with
+  the student and the frozen teacher (None without one), before either is wrapped (on-policy
+  distillation learns there which ids the student may sample).
 """
 
 from __future__ import annotations
