@@ -10,7 +10,7 @@ import trainkit
 from trainkit import loader, mlp, points, state, teacher_mlp
 
 import darkknowledge as dk
-from darkknowledge.losses import kd_loss
+from darkknowledge.losses import KDLoss, kd_loss
 
 # Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,6 +77,44 @@ def test_distiller_gradient_balance_matches_autograd():
     record = distiller.fit().history[0]
     assert record["hard_grad_norm"] == pytest.approx(float(hard_grad.norm()), rel=1e-5)
     assert record["soft_grad_norm"] == pytest.approx(float(soft_grad.norm()), rel=1e-5)
+
+
+class _DoubledHard(dk.ClassificationTask):
+    """A task whose own distillation_loss doubles the hard term: the meter must not assume the
+    plain cross-entropy's closed form for it."""
+
+    def distillation_loss(self, logits, teacher_logits, labels, **options):
+        loss = super().distillation_loss(logits, teacher_logits, labels, **options)
+        alpha = options["alpha"]
+        return KDLoss(loss.total + (1.0 - alpha) * loss.hard, loss.soft, 2.0 * loss.hard)
+
+
+@pytest.mark.parametrize(
+    "case", ["ignored labels", "unlabelled distilled", "no teacher", "own loss"]
+)
+def test_gradient_balance_hard_part_matches_autograd(case):
+    """The hard part's gradient norm at the student logits, against autograd through the
+    cross-entropy: the task's closed form where the hard term is the plain cross-entropy
+    (some labels ignored; the transfer-set task; labels only), autograd for a task's own."""
+    teacher, student = teacher_mlp(), mlp(0)
+    inputs, labels = points(32)[:]
+    labels = labels.clone()
+    labels[::3] = -100  # ignored rows: no hard term there
+    task = {"unlabelled distilled": dk.ClassificationTask(distill_unlabelled=True),
+            "own loss": _DoubledHard()}.get(case, dk.ClassificationTask())  # fmt: skip
+    alpha = 0.0 if case == "no teacher" else 0.6
+    logits = mlp(0)(inputs)
+    normalizer = 32 if case == "unlabelled distilled" else int((labels != -100).sum())
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / normalizer
+    factor = 2.0 if case == "own loss" else 1.0
+    (expected,) = torch.autograd.grad(factor * (1.0 - alpha) * ce, logits)
+    distiller = dk.Distiller(
+        student, None if case == "no teacher" else teacher, [(inputs, labels)], task=task,
+        temperature=2.0, alpha=alpha, max_steps=1, progress=False,
+    )  # fmt: skip
+    record = distiller.fit().history[0]
+    assert record["hard_grad_norm"] == pytest.approx(float(expected.norm()), rel=1e-5)
+    assert record["hard"] == pytest.approx(factor * float(ce.detach()), rel=1e-5)
 
 
 def test_distiller_without_teacher_trains_on_labels_alone():

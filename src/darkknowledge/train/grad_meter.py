@@ -6,10 +6,13 @@ For ``total = (1 - alpha)·hard + alpha·scale·soft`` the meter reports
     hard_grad_norm = ‖∂[(1 - alpha)·hard] / ∂z‖₂,    soft_grad_norm = ‖∂[total - (1 - alpha)·hard] / ∂z‖₂
 
 where ``z`` are the student logits. The soft part is taken as ``total - hard part`` so that it is
-right for a tensor (per-sample, learned) temperature too. It costs one extra backward pass
-through the loss (not the model): the hard part's gradient is taken at once with
-``torch.autograd.grad(..., retain_graph=True)``, and the total gradient is read by a hook during
-the training step's own backward pass, which computes it anyway. The Distiller asks for the
+right for a tensor (per-sample, learned) temperature too. The total gradient is read by a hook
+during the training step's own backward pass, which computes it anyway. The hard part's
+gradient is the cross-entropy's closed form when the task knows its hard term is that
+(:func:`cross_entropy_gradient`, as :class:`~darkknowledge.train.task.ClassificationTask`
+does), otherwise one extra backward pass through the loss (not the model) with
+``torch.autograd.grad(..., retain_graph=True)``: about 300 µs a log step on a 64 × 100 batch
+on the CPU, against about 40 µs for the closed form. The Distiller asks for the
 meter on log steps only (``grad_meter=True`` in ``Task.compute_loss``); it logs the two norms
 as ``soft_grad_norm`` and ``hard_grad_norm``.
 """
@@ -24,12 +27,14 @@ from ..losses import KDLoss
 
 
 def gradient_balance(
-    loss: KDLoss, alpha: float, logits: torch.Tensor
+    loss: KDLoss, alpha: float, logits: torch.Tensor, hard_grad: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(soft_grad_norm, hard_grad_norm)`` of one micro-batch's loss at the student ``logits``,
     as 0-dim float32 tensors. ``hard_grad_norm`` is ready at once; ``soft_grad_norm`` is filled
     in when ``loss.total`` (or a multiple of it, e.g. by an fp16 grad scaler) is backpropagated.
-    No host sync: the Distiller reads both after the step.
+    No host sync: the Distiller reads both after the step. ``hard_grad``: the gradient of
+    ``(1 - alpha)·loss.hard`` at ``logits`` (shape of ``logits``) when the caller has it in closed
+    form (:func:`cross_entropy_gradient`); None: taken by autograd.
 
     >>> import torch, darkknowledge as dk
     >>> z = torch.randn(4, 3, requires_grad=True)
@@ -43,7 +48,8 @@ def gradient_balance(
         hard_grad = None
         hard_norm = torch.zeros((), dtype=torch.float32, device=logits.device)
     else:
-        (hard_grad,) = torch.autograd.grad((1.0 - alpha) * loss.hard, logits, retain_graph=True)
+        if hard_grad is None:
+            (hard_grad,) = torch.autograd.grad((1.0 - alpha) * loss.hard, logits, retain_graph=True)
         hard_norm = torch.linalg.vector_norm(hard_grad.float())
     soft_norm = torch.zeros((), dtype=torch.float32, device=logits.device)
     upstream = {}
@@ -59,6 +65,33 @@ def gradient_balance(
     loss.total.register_hook(on_total)
     logits.register_hook(on_logits)
     return soft_norm, hard_norm.detach()
+
+
+def cross_entropy_gradient(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    weight: float,
+    normalizer: torch.Tensor | float,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The gradient of ``weight · Σ_valid CE(z_i, y_i) / normalizer`` at ``logits`` ``z``
+    ``(B, C)``, labels ``(B,)``, in closed form, float32 ``(B, C)``:
+
+        weight · valid_i · (softmax(z_i) − onehot(y_i)) / normalizer,   valid_i = y_i ≠ ignore_index
+
+    >>> z = torch.randn(3, 4, requires_grad=True)
+    >>> y = torch.tensor([1, -100, 3])
+    >>> ce = torch.nn.functional.cross_entropy(z, y, reduction="sum") / 5.0
+    >>> (auto,) = torch.autograd.grad(0.25 * ce, z)
+    >>> bool(torch.allclose(cross_entropy_gradient(z, y, weight=0.25, normalizer=5.0), auto))
+    True
+    """
+    grad = torch.softmax(logits.detach().float(), dim=-1)  # (B, C)
+    valid = (labels != ignore_index).unsqueeze(-1)  # (B, 1)
+    safe = torch.where(valid, labels.unsqueeze(-1), 0)  # (B, 1): an ignored row picks class 0
+    grad.scatter_add_(-1, safe, torch.full_like(safe, -1.0, dtype=grad.dtype))
+    return grad.mul_(valid * (weight / normalizer))
 
 
 def combine_grad_norms(

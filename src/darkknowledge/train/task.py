@@ -36,7 +36,7 @@ from ..losses import (
     kd_loss,
     valid_positions,
 )
-from .grad_meter import gradient_balance
+from .grad_meter import cross_entropy_gradient, gradient_balance
 
 
 class TaskOutput(NamedTuple):
@@ -156,7 +156,15 @@ class ClassificationTask:
             )  # fmt: skip
         if not grad_meter:
             return TaskOutput(loss)
-        soft_norm, hard_norm = gradient_balance(loss, alpha, logits)
+        hard_grad = None
+        if type(self).distillation_loss is ClassificationTask.distillation_loss and alpha < 1.0:
+            # The hard term is known to be the cross-entropy: its gradient in closed form spares
+            # the meter a backward pass (a subclass's own distillation_loss gets autograd).
+            hard_grad = cross_entropy_gradient(
+                logits, labels, weight=1.0 - alpha, normalizer=normalizer,
+                ignore_index=self.ignore_index,
+            )  # fmt: skip
+        soft_norm, hard_norm = gradient_balance(loss, alpha, logits, hard_grad)
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.detach().float().mean()  # read by the Distiller later
         return TaskOutput(loss, soft_norm, hard_norm, temperature)
