@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, str]] = {
         "distil a byte-level GPT-2 on the Python standard library",
     ),
     "rlhf": (
-        "darkknowledge.llm.rlhf",
+        "darkknowledge.commands.demo_rlhf",
         "GRPO on the llm demo's model, with and without a KL penalty to the reference",
     ),
     "speculative": (

@@ -5,7 +5,7 @@
    config JSON, keyed by a hash of its config, training recipe and the corpus bytes), so a
    second run loads it instead of training it again.
 3. Student: a smaller GPT-2 trained twice for the same steps on the same batches: distilled
-   from the teacher (``dk.Distiller`` + :class:`CausalLMTask`), and from the data alone.
+   from the teacher (``Distiller`` + :class:`CausalLMTask`), and from the data alone.
 4. Report: held-out loss, bits per byte and perplexity, training and evaluation tokens per
    second, parameter counts; ``results.json`` and ``val_loss.png`` (and :func:`format_table`).
 
@@ -30,6 +30,8 @@ import torch
 
 from .._files import save_figure, write_json
 from ..models import count_parameters
+from ..schedules import warmup_cosine
+from ..train import Distiller
 from .data import VOCAB_SIZE, RandomWindows, sequential_windows, stdlib_corpus
 from .models import check_safetensors_folder
 from .report_table import aligned_rows
@@ -82,8 +84,6 @@ def run_demo(
     ``log`` receives one line as each stage starts and ends (None: silent); ``progress`` shows
     the Distiller's progress bar during training (only when stderr is a terminal).
     """
-    import darkknowledge as dk
-
     say = log if log is not None else (lambda message: None)
     started = time.perf_counter()
     corpus = stdlib_corpus(train_bytes=recipe.train_bytes, heldout_bytes=recipe.heldout_bytes)
@@ -105,14 +105,14 @@ def run_demo(
         )
 
     def fit(student, teacher, steps: int, eval_every: int) -> dict[str, Any]:
-        distiller = dk.Distiller(
+        distiller = Distiller(
             student,
             teacher,
             train_data(steps, recipe.seed),
             task=CausalLMTask(),
             temperature=recipe.temperature,
             alpha=recipe.alpha,
-            learning_rate=dk.schedules.warmup_cosine(
+            learning_rate=warmup_cosine(
                 recipe.learning_rate, steps // 10, steps, end=recipe.learning_rate / 10
             ),
             max_steps=steps,

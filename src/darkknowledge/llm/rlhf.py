@@ -19,14 +19,12 @@ policy's held-out bits per byte (the llm demo's evaluation) and a sample of its 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import inspect
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from .. import rl
 from .._files import write_json
 from . import demo as llm_demo
 from .data import RandomWindows, sequential_windows, stdlib_corpus
-from .rlhf_plots import format_table, plot_curves, sample_text
+from .rlhf_plots import plot_curves, sample_text
 
 
 @dataclass(frozen=True)
@@ -252,10 +250,11 @@ def _evaluate_policy(model, eval_data, show_prompt, recipe: RLHFRecipe) -> dict[
 
 def _check(recipe: RLHFRecipe) -> None:
     """Refuse bad settings before minutes of work, naming the flag."""
-    from ..commands._flags import check_at_least_one
-
-    counts = ("steps", "prompts_per_step", "prompt_length", "completion_length")
-    check_at_least_one({f"--{name.replace('_', '-')}": getattr(recipe, name) for name in counts})
+    for name in ("steps", "prompts_per_step", "prompt_length", "completion_length"):
+        if getattr(recipe, name) < 1:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be >= 1, got {getattr(recipe, name)}"
+            )
     if recipe.group_size < 2:
         raise ValueError(
             f"--group-size must be >= 2 (advantages are normalised within a group), got {recipe.group_size}"
@@ -275,64 +274,3 @@ def _check(recipe: RLHFRecipe) -> None:
         raise ValueError(
             f"--estimator must be one of {', '.join(rl.ESTIMATORS)}, got {recipe.estimator!r}"
         )
-
-
-# -- command line ------------------------------------------------------------------------------
-DEFAULT_OUTPUT_DIR = "reports/rlhf-demo"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..commands._flags import (
-        add_cache_dir_argument,
-        add_output_dir_argument,
-        add_quick_argument,
-    )
-
-    add_quick_argument(parser)
-    parser.add_argument("--steps", type=int, help="policy-gradient steps per KL coefficient")
-    parser.add_argument(
-        "--kl-coefficients", type=float, nargs="+", metavar="BETA", help="default: 0 0.05 0.2"
-    )
-    parser.add_argument("--target", help="the rewarded byte, one character (default: e)")
-    parser.add_argument("--learning-rate", type=float, help="Adam learning rate of the policy")
-    parser.add_argument("--seed", type=int, help="random seed")
-    add_cache_dir_argument(parser, "where the llm demo's teacher is cached")
-    add_output_dir_argument(
-        parser, f"results.json and reward_kl.png; default: {DEFAULT_OUTPUT_DIR}"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 with --quick, else torch's)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from ..commands._flags import check_at_least_one, say, torch_threads
-
-    recipe = QUICK if args.quick else RLHFRecipe()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("steps", "target", "learning_rate", "seed")
-        if getattr(args, name, None) is not None
-    }
-    if args.kl_coefficients is not None:
-        overrides["kl_coefficients"] = tuple(args.kl_coefficients)
-    recipe = replace(recipe, **overrides)
-    _check(recipe)
-    # The quick models are tiny: a second thread only adds contention.
-    threads = args.threads if args.threads is not None else (1 if args.quick else None)
-    check_at_least_one({"--threads": threads})
-    output_dir = Path(args.output_dir or DEFAULT_OUTPUT_DIR)
-    with torch_threads(threads):
-        report = run_rlhf_demo(
-            recipe,
-            cache_dir=Path(args.cache_dir),
-            output_dir=output_dir,
-            log=say,
-            progress=sys.stderr.isatty(),
-        )
-    print(format_table(report))
-    print(f"report: {output_dir / 'results.json'}, {output_dir / 'reward_kl.png'}")
-    return 0
