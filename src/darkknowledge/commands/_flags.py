@@ -38,6 +38,14 @@ def add_cache_dir_argument(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def add_threads_argument(
+    parser: argparse.ArgumentParser, *, default: int | None, says: str
+) -> None:
+    """``--threads N``: torch's CPU threads while the demo runs (:func:`torch_threads`);
+    ``says`` describes the default in the help."""
+    parser.add_argument("--threads", type=int, default=default, help=f"torch CPU threads ({says})")
+
+
 def say(message: str) -> None:
     """A demo's progress line, flushed: its stages are minutes apart when piped."""
     print(message, flush=True)

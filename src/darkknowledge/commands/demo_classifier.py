@@ -7,7 +7,12 @@ import argparse
 import os
 from dataclasses import replace
 
-from ._flags import add_output_dir_argument, check_at_least_one, torch_threads
+from ._flags import (
+    add_output_dir_argument,
+    add_threads_argument,
+    check_at_least_one,
+    torch_threads,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,12 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="C",
         help="Hinton's omitted-class experiment",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1 is fastest for these tiny models)",
-    )
+    add_threads_argument(parser, default=1, says="1 is fastest for these tiny models")
 
 
 def run(args: argparse.Namespace) -> int:

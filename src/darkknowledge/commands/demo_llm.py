@@ -16,6 +16,7 @@ from ._flags import (
     add_cache_dir_argument,
     add_output_dir_argument,
     add_quick_argument,
+    add_threads_argument,
     check_at_least_one,
     say,
     torch_threads,
@@ -35,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed")
     add_cache_dir_argument(parser, "where trained teachers are cached")
     add_output_dir_argument(parser, f"results.json and val_loss.png; default: {DEFAULT_OUTPUT_DIR}")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
-    )
+    add_threads_argument(parser, default=None, says="default: torch's own")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from ._flags import (
     add_cache_dir_argument,
     add_output_dir_argument,
     add_quick_argument,
+    add_threads_argument,
     check_at_least_one,
     say,
     torch_threads,
@@ -33,12 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_dir_argument(
         parser, f"results.json and reward_kl.png; default: {DEFAULT_OUTPUT_DIR}"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: 1 with --quick, else torch's)",
-    )
+    add_threads_argument(parser, default=None, says="default: 1 with --quick, else torch's")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from ._flags import (
     add_cache_dir_argument,
     add_output_dir_argument,
     add_quick_argument,
+    add_threads_argument,
     check_at_least_one,
     say,
     torch_threads,
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_dir_argument(
         parser, f"results.json and speculative.png; default: {DEFAULT_OUTPUT_DIR}"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
+    add_threads_argument(parser, default=None, says="default: 1")
 
 
 def run(args: argparse.Namespace) -> int:
