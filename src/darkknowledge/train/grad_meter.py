@@ -34,7 +34,8 @@ def gradient_balance(
     in when ``loss.total`` (or a multiple of it, e.g. by an fp16 grad scaler) is backpropagated.
     No host sync: the Distiller reads both after the step. ``hard_grad``: the gradient of
     ``(1 - alpha)·loss.hard`` at ``logits`` (shape of ``logits``) when the caller has it in closed
-    form (:func:`cross_entropy_gradient`); None: taken by autograd.
+    form (:func:`cross_entropy_gradient`); None: taken by autograd. A term without weight
+    reads 0: ``hard_grad_norm`` at ``alpha = 1``, ``soft_grad_norm`` at ``alpha = 0``.
 
     >>> import torch, darkknowledge as dk
     >>> z = torch.randn(4, 3, requires_grad=True)
@@ -52,6 +53,8 @@ def gradient_balance(
             (hard_grad,) = torch.autograd.grad((1.0 - alpha) * loss.hard, logits, retain_graph=True)
         hard_norm = torch.linalg.vector_norm(hard_grad.float())
     soft_norm = torch.zeros((), dtype=torch.float32, device=logits.device)
+    if alpha <= 0.0:  # no soft term (labels only): 0 by definition, as hard is at alpha = 1
+        return soft_norm, hard_norm.detach()
     upstream = {}
 
     def on_total(grad: torch.Tensor) -> None:  # ∂(what is backpropagated)/∂total: 1, or a scale
