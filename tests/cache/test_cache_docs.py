@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import doctest
-from pathlib import Path
-
-DOC = Path(__file__).resolve().parents[2] / "docs" / "cache.md"
+from doc_examples import assert_doctests_pass
 
 
 def test_docs_cache_examples_run_as_written():
-    result = doctest.testfile(
-        str(DOC), module_relative=False, optionflags=doctest.ELLIPSIS, raise_on_error=False
-    )
-    assert result.attempted > 10
-    assert result.failed == 0
+    assert_doctests_pass("cache.md", at_least=11)

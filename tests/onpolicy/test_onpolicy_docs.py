@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
 
-DOC = Path(__file__).parents[2] / "docs" / "on-policy.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+from doc_examples import python_blocks, run_block
+
+BLOCKS = python_blocks("on-policy.md")
 
 
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_on_policy_docs_example_runs(number, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[number], f"docs/on-policy.md[{number}]", "exec"), {})
+    run_block("on-policy.md", number)
 
 
 def test_on_policy_docs_have_an_example():

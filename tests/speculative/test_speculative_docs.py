@@ -3,20 +3,14 @@ loads lazily."""
 
 from __future__ import annotations
 
-import doctest
 import subprocess
 import sys
-from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "speculative.md"
+from doc_examples import assert_doctests_pass
 
 
 def test_docs_speculative_examples_run_as_written():
-    result = doctest.testfile(
-        str(DOC), module_relative=False, optionflags=doctest.ELLIPSIS, raise_on_error=False
-    )
-    assert result.attempted > 20
-    assert result.failed == 0
+    assert_doctests_pass("speculative.md", at_least=21)
 
 
 def test_docs_speculative_loads_lazily():

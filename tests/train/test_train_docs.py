@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import pytest
+
+from doc_examples import python_blocks, run_block
 
 # Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DOC = Path(__file__).parents[2] / "docs" / "training.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+BLOCKS = python_blocks("training.md")
 
 
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_training_docs_example_runs(number, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the examples write runs/...
-    exec(compile(BLOCKS[number], f"docs/training.md[{number}]", "exec"), {})
+    run_block("training.md", number)
 
 
 def test_training_docs_has_examples():
