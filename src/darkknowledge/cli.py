@@ -99,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     module.add_arguments(sub)
     args = _parse(sub, argv[argv.index(known.command) + 1 :])  # exits 2 on argparse errors
+    broken = False
     try:
-        code = _dispatch(module, args, known.command)
+        code, broken = _dispatch(module, args, known.command)
     finally:
-        several = _leave_process_group()
+        # A broken group (a collective failed) is not torn down: gloo may abort a process
+        # whose peers are gone.
+        several = broken or _leave_process_group()
     if several and as_program:
-        # gloo's threads can still abort the interpreter's own exit after the group is
+        # gloo's threads can still abort the interpreter's own exit, even after the group is
         # destroyed ("terminate called without an active exception", exit -6 instead of the
         # code below: pytorch/pytorch#190489); every file is written and closed by now.
         sys.stdout.flush()
@@ -113,27 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _dispatch(module: Any, args: argparse.Namespace, command: str) -> int:
-    """Run the command; its exit code, with errors that explain themselves as one line."""
+def _dispatch(module: Any, args: argparse.Namespace, command: str) -> tuple[int, bool]:
+    """Run the command: its exit code, with errors that explain themselves as one line, and
+    whether a collective failed (the process group is then unusable)."""
     try:
         with _user_code_folders(getattr(args, "config", None)):
-            return int(module.run(args) or EXIT_OK)
+            return int(module.run(args) or EXIT_OK), False
     except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"dk {command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT, False
     except KeyboardInterrupt:
         print(f"dk {command}: interrupted", file=sys.stderr)
-        return 130
+        return 130, False
     except Exception as error:
         if not _run_failure(error):
             raise
         print(f"dk {command}: error: {error}", file=sys.stderr)
-        if _collective_failure(error):  # a broken process group: gloo may abort its teardown
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_FAILURE)
-        return EXIT_FAILURE
+        return EXIT_FAILURE, _collective_failure(error)
 
 
 def _run_failure(error: Exception) -> bool:

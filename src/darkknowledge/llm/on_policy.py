@@ -105,11 +105,7 @@ class OnPolicyTask(CausalLMTask):
         teacher (:func:`~darkknowledge.llm.vocab.shared_vocab_size`, a ValueError for two
         tokenizers). Called by the Distiller before the first step."""
         if teacher is not None:
-            self._shared_vocab = shared_vocab_size(
-                output_layer(student).weight.shape[0],
-                output_layer(teacher).weight.shape[0],
-                vocab_size=self.vocab_size,
-            )
+            self._shared_vocab = self.shared_vocab(output_layer(student), output_layer(teacher))
 
     # -- the step's batches ------------------------------------------------------------------
     def on_policy(self, step: int) -> bool:
