@@ -80,6 +80,8 @@ def test_run_resume_refuses_another_config_or_command(tmp_path, capsys):
     assert main(["distill", path, "train.max_steps=6", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "teacher (mlp [16]): finished before" in out and "student (mlp [8]): distilling" in out
+    latest = tmp_path / "run" / "student" / "checkpoints" / "step-00000004"
+    assert f"distilling for 6 steps, continuing from {latest}" in out  # where the run picks up
     student = [
         json.loads(x)
         for x in (tmp_path / "run" / "student" / "metrics.jsonl").read_text().splitlines()

@@ -13,6 +13,7 @@ from torch import nn
 from ..chain import distill_chain, freeze
 from ..config import Config, load_config, thaw
 from ..train import Interrupted, Terminated
+from ..train.checkpoint import latest_checkpoint
 from . import _output_dir as outputs
 from ._build import build_parts, distiller_kwargs, evaluate_model, subdir
 
@@ -159,7 +160,9 @@ class _Stages:
             outputs.discard_stage(stage_dir)  # trained on an older version of its teacher
         self.trained = True
         doing = "distilling" if teacher is not None else "training from labels alone"
-        _say(f"{name} ({description}): {doing} for {max_steps} steps")
+        latest = latest_checkpoint(stage_dir) if self.resume and stage_dir is not None else None
+        since = "" if latest is None else f", continuing from {latest}"
+        _say(f"{name} ({description}): {doing} for {max_steps} steps{since}")
         distiller = self._distiller(name, model, teacher, stage_dir, max_steps)
         result = distiller.fit(resume=self.resume)
         metrics = self.parts.metrics(dict(result.final) if result.final else distiller.evaluate())
