@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from .processes import end_processes, launched_with_several_processes, leave_process_group
+
 # name -> (module, one-line help). A plain dict: explicit, no import-time registration.
 COMMANDS: dict[str, tuple[str, str]] = {
     "signal-gap": (
@@ -105,14 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # A broken group (a collective failed) is not torn down: gloo may abort a process
         # whose peers are gone.
-        several = broken or _leave_process_group()
-    if several and as_program:
-        # gloo's threads can still abort the interpreter's own exit, even after the group is
-        # destroyed ("terminate called without an active exception", exit -6 instead of the
-        # code below: pytorch/pytorch#190489); every file is written and closed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        had_group = False if broken else leave_process_group()
+    if as_program and (broken or had_group or launched_with_several_processes()):
+        # Every file is written and closed by now; gloo can still abort the interpreter's own
+        # exit (see darkknowledge.processes), so the process leaves without it.
+        end_processes(code, destroy_group=False)
     return code
 
 
@@ -158,18 +157,6 @@ def _parse(parser: argparse.ArgumentParser, arguments: list[str]) -> argparse.Na
         return parser.parse_intermixed_args(arguments)
     except TypeError:  # a parser with a REMAINDER (dk demo) takes its arguments in order
         return parser.parse_args(arguments)
-
-
-def _leave_process_group() -> bool:
-    """Destroy the process group a multi-process run created: left to the interpreter's exit,
-    gloo sometimes aborts a finished process ("terminate called without an active exception").
-    True when there was a group of several processes."""
-    distributed = sys.modules.get("torch.distributed")  # never import torch just for this
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return False
-    several = distributed.get_world_size() > 1
-    distributed.destroy_process_group()
-    return several
 
 
 @contextlib.contextmanager

@@ -46,3 +46,4 @@ if __name__ == "__main__":
     args = parser.parse_args()
     SlowBackend.seconds = args.slow
     capture(args.out, backend=SlowBackend)
+    dk.train.end_processes()

@@ -68,3 +68,4 @@ if __name__ == "__main__":
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
     train(args.cache, args.out, resume=args.resume, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    dk.train.end_processes()

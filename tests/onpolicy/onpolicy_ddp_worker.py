@@ -45,3 +45,4 @@ if __name__ == "__main__":
     params = train(rank, world_size)
     if rank == 0:
         save_file(params, sys.argv[1])
+    dk.train.end_processes()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from trainkit import loader, mlp, points, teacher_mlp
 
 import darkknowledge as dk
+from doc_examples import DOCS
 
 # Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,3 +79,23 @@ def test_distiller_two_processes_with_accumulation_match_one(tmp_path):
     for ours, theirs in zip(train, reference.history):
         for key in ("total", "soft", "hard", "soft_grad_norm", "hard_grad_norm", "grad_norm"):
             assert abs(ours[key] - theirs[key]) <= 1e-5 * abs(theirs[key]) + 1e-7, key
+
+
+def test_docs_two_process_script_runs_as_written(tmp_path):
+    """docs/training.md's whole train.py, under the torchrun command the page shows."""
+    page = (DOCS / "training.md").read_text()
+    (script,) = re.findall(r"```py\n(.*?)```", page, flags=re.S)
+    assert "torchrun --standalone --nproc_per_node 2 train.py" in page
+    (tmp_path / "train.py").write_text(script)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "train.py",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs/two/student/model.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "train"][-1] == 20

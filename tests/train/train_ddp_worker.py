@@ -30,7 +30,7 @@ if __name__ == "__main__":
         assert run.accelerator.num_processes == 2, run.accelerator.state
         run.fit()
         run.export_student(f"{output_dir}/student")
-        sys.exit(0)
+        dk.train.end_processes()
     first = distiller(output_dir, 4, 16)
     assert first.accelerator.num_processes == 2, first.accelerator.state
     first.fit()
@@ -39,3 +39,4 @@ if __name__ == "__main__":
     assert [r["step"] for r in result.history if r["kind"] == "train"] == [5, 6]
     assert result.final["eval_count"] == 40, result.final
     second.export_student(f"{output_dir}/student")
+    dk.train.end_processes()

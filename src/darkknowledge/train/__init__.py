@@ -1,7 +1,9 @@
 """The training loop (``Distiller``) and its parts: tasks, checkpoints, resume, signals,
-logging, the gradient meter, and why a run stopped (``RunFailure`` and the full disk)."""
+logging, the gradient meter, why a run stopped (``RunFailure`` and the full disk), and the end
+of a multi-process script (``end_processes``)."""
 
 from .._files import DiskFull
+from ..processes import end_processes
 from .checkpoint import CheckpointError
 from .distiller import Distiller, TrainResult
 from .failures import CollectiveTimeout, NonFiniteLoss, PeerLost, RunFailure
@@ -22,4 +24,5 @@ __all__ = [
     "TaskOutput",
     "Terminated",
     "TrainResult",
+    "end_processes",
 ]

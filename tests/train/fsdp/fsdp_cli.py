@@ -15,6 +15,7 @@ import sys
 import fsdp_worker  # also puts tests/train on sys.path
 import torch
 
+import darkknowledge as dk
 import darkknowledge.train._accelerate as accelerate_module
 from darkknowledge.cli import main
 
@@ -28,4 +29,4 @@ def _test_accelerator(mixed_precision: str):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     accelerate_module.make_accelerator = _test_accelerator  # the test-only seam, see above
-    fsdp_worker.end_processes(main(sys.argv[1:]))
+    dk.train.end_processes(main(sys.argv[1:]))

@@ -252,19 +252,7 @@ def reference(spec: dict[str, Any], world_size: int = 2) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def end_processes(code: int = 0) -> None:
-    """Destroy the process group, then leave without the interpreter's finalization, as `dk`
-    does (darkknowledge.cli.main): gloo's worker threads can abort a finished process during
-    finalization even after the group is destroyed ("terminate called without an active
-    exception", SIGABRT; pytorch/pytorch#190489), seen about once in 25 launches here."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(json.loads(sys.argv[1]), Path(sys.argv[2]))
-    end_processes()
+    dk.train.end_processes()
