@@ -97,5 +97,7 @@ def test_docs_two_process_script_runs_as_written(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs/two/student/model.safetensors").is_file()
-    log = [json.loads(line) for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in log if r["kind"] == "train"][-1] == 20
