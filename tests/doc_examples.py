@@ -21,9 +21,10 @@ def assert_doctests_pass(page: str, *, at_least: int) -> None:
     assert result.failed == 0, page
 
 
-def python_blocks(page: str) -> list[str]:
-    """The ```` ```python ```` blocks of ``docs/<page>``, in order."""
-    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+def python_blocks(page: str, fence: str = "python") -> list[str]:
+    """The ```` ```python ```` blocks of ``docs/<page>``, in order (``fence="py"``: the
+    ```` ```py ```` blocks, whole scripts that run under a launcher, never in this process)."""
+    return re.findall(rf"```{fence}\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
 
 
 def run_block(page: str, number: int) -> None:

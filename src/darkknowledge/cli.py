@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # A broken group (a collective failed) is not torn down: gloo may abort a process
         # whose peers are gone.
-        had_group = False if broken else leave_process_group()
-    if as_program and (broken or had_group or launched_with_several_processes()):
+        if not broken:
+            leave_process_group()
+    if as_program and (broken or launched_with_several_processes()):
         # Every file is written and closed by now; gloo can still abort the interpreter's own
         # exit (see darkknowledge.processes), so the process leaves without it.
         end_processes(code, destroy_group=False)

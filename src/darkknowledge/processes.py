@@ -6,8 +6,8 @@ exception" and dies of SIGABRT (exit -6) after all its work is done, and torchru
 the whole run as failed (seen about once in 25 two-process launches on a 2-core machine; the
 cause, work objects that gloo's threads still hold while Python is torn down, is described in
 pytorch/pytorch PR 179291, which proposed an ``atexit`` hook and was abandoned). The only
-reliable way out is to skip finalization: flush, then ``os._exit``. ``dk`` does this itself; a script of your own that trains under torchrun ends with
-:func:`end_processes`.
+reliable way out is to skip finalization: flush, then ``os._exit``. ``dk`` does this itself;
+a script of your own that trains under torchrun ends with :func:`end_processes`.
 
 This module never imports torch itself: it looks torch.distributed up in ``sys.modules``,
 where it is if any process group was ever made.
@@ -20,14 +20,11 @@ import sys
 from typing import NoReturn
 
 
-def leave_process_group() -> bool:
-    """Destroy the default process group, if one is left: True when it had several processes."""
+def leave_process_group() -> None:
+    """Destroy the default process group, if one is left."""
     distributed = sys.modules.get("torch.distributed")  # never import torch just for this
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return False
-    several = distributed.get_world_size() > 1
-    distributed.destroy_process_group()
-    return several
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def launched_with_several_processes() -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 from trainkit import loader, mlp, points, teacher_mlp
 
 import darkknowledge as dk
-from doc_examples import DOCS
+from doc_examples import DOCS, python_blocks
 
 # Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -83,9 +82,8 @@ def test_distiller_two_processes_with_accumulation_match_one(tmp_path):
 
 def test_docs_two_process_script_runs_as_written(tmp_path):
     """docs/training.md's whole train.py, under the torchrun command the page shows."""
-    page = (DOCS / "training.md").read_text()
-    (script,) = re.findall(r"```py\n(.*?)```", page, flags=re.S)
-    assert "torchrun --standalone --nproc_per_node 2 train.py" in page
+    (script,) = python_blocks("training.md", fence="py")
+    assert "torchrun --standalone --nproc_per_node 2 train.py" in (DOCS / "training.md").read_text()
     (tmp_path / "train.py").write_text(script)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
