@@ -18,6 +18,7 @@ import yaml
 from cachekit import files
 
 from darkknowledge.cli import main
+from two_processes import torchrun
 
 GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_positions": 16}
 GPT2 |= {"bos_token_id": 0, "eos_token_id": 0}
@@ -111,12 +112,10 @@ def test_cache_teacher_rerun_continues_after_a_kill(tmp_path, teacher_folder):
 def test_cache_teacher_under_torchrun_writes_the_one_process_files(tmp_path, teacher_folder):
     config = _config(tmp_path, teacher_folder)
     assert main(["cache-teacher", config, f"teacher.cache={tmp_path / 'one'}"]) == 0
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    done = torchrun(
         "-m", "darkknowledge.cli", "cache-teacher", config, f"teacher.cache={tmp_path / 'two'}",
-    ]  # fmt: skip
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+        logs=tmp_path / "logs", env={"PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
     assert done.stdout.count("done: ") == 1  # one report, from process 0
     assert files(tmp_path / "two") == files(tmp_path / "one")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "faults"))
 from kill_harness import random_plan, run_with_kills, temporary_folders
 
 from same_files import assert_same_file
+from two_processes import torchrun
 
 WORKER = Path(__file__).with_name("training_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -45,12 +45,10 @@ def test_cached_training_two_processes_match_one(cache_folder, tmp_path):
     """torchrun, 2 CPU processes with 2 sequences each per micro-batch, shuffled, accumulating
     2 micro-batches: the parameters of one process on 4 sequences (float tolerance: the
     gradient all-reduce sums in another order)."""
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), str(cache_folder), str(tmp_path / "two"),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(
+        WORKER, cache_folder, tmp_path / "two", logs=tmp_path / "logs",
+        env={"PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
     one = load_file(_one_process(cache_folder, tmp_path / "one"))
     two = load_file(tmp_path / "two" / "student" / "model.safetensors")
     assert one.keys() == two.keys()

@@ -1,10 +1,10 @@
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from two_processes import torchrun
 
 WORKER = Path(__file__).with_name("lm_ddp_worker.py")
 
@@ -12,19 +12,7 @@ WORKER = Path(__file__).with_name("lm_ddp_worker.py")
 def test_two_process_gloo_distillation_matches_one_process(tmp_path, make_gpt2):
     """torchrun with 2 CPU processes (gloo) gives the parameters of one process on the whole batch."""
     out = tmp_path / "two.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(WORKER),
-        str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(WORKER, out, logs=tmp_path / "logs", timeout=240)
 
     sys.path.insert(0, str(WORKER.parent))
     try:

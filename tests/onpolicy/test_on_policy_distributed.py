@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +10,7 @@ from onpolicy_kit import parameters, tiny_gpt2
 from safetensors.torch import load_file
 
 from darkknowledge.llm import OnPolicyTask
+from two_processes import torchrun
 
 WORKER = Path(__file__).with_name("onpolicy_ddp_worker.py")
 
@@ -21,13 +19,7 @@ def test_on_policy_two_processes_match_one_process(tmp_path):
     coins = [OnPolicyTask(fraction=0.5, seed=SEED).on_policy(step) for step in range(STEPS)]
     assert True in coins and False in coins, coins  # sampled steps and data steps
     out = tmp_path / "two.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(WORKER), str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(WORKER, out, logs=tmp_path / "logs")
     one, two = train(rank=0, world_size=1), load_file(out)
     assert one.keys() == two.keys()
     initial = parameters(tiny_gpt2(0))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from trainkit import loader, mlp, points, teacher_mlp
 
 import darkknowledge as dk
 from doc_examples import DOCS, python_blocks
+from two_processes import torchrun
 
 # Tiny models on a shared 2-core machine: intra-op threads only spin and wait.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,17 +22,11 @@ HERE = Path(__file__).parent
 
 
 def _two_processes(tmp_path, *mode: str) -> None:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone", str(HERE / "train_ddp_worker.py"), str(tmp_path), *mode,
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-3000:]
+    path = f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    torchrun(
+        HERE / "train_ddp_worker.py", tmp_path, *mode, logs=tmp_path / "logs",
+        env={"PYTHONPATH": path}, timeout=180,
+    )  # fmt: skip
 
 
 def test_distiller_two_processes_match_one(tmp_path):
@@ -85,15 +78,7 @@ def test_docs_two_process_script_runs_as_written(tmp_path):
     (script,) = python_blocks("training.md", fence="py")
     assert "torchrun --standalone --nproc_per_node 2 train.py" in (DOCS / "training.md").read_text()
     (tmp_path / "train.py").write_text(script)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "train.py",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun("train.py", logs=tmp_path / "logs", cwd=tmp_path, timeout=180)
     assert (tmp_path / "runs/two/student/model.safetensors").is_file()
     log = [
         json.loads(line) for line in (tmp_path / "runs/two/metrics.jsonl").read_text().splitlines()

@@ -112,6 +112,10 @@ def write_teacher_cache(
     job = _Job(capture, dataset, entries, Path(path), request, settings, batch_size)
     with capture_processes() as processes:
         done = _existing_capture(job.folder, settings)
+        # Every process looks at the folder before process 0 writes to it: a process that
+        # looked while the plan was being published could see it appear between its two
+        # checks and refuse the folder as "not empty".
+        barrier(processes)
         if done is not None:
             return done
         if processes.rank == 0:
